@@ -1,0 +1,143 @@
+"""`vlmq`: submit jobs and read them back from a shell (also ``python -m producer``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import redis
+
+from producer import keys
+from producer.client import Producer
+from producer.errors import InvalidRequestError, JobFailed, JobNotFound, JobTimeout
+from producer.schema import request_json_schema
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmq", description="Submit vision-language jobs to vlmq workers and read results.")
+    parser.add_argument("--redis-url", default=None,
+                        help=f"ledger Redis (env VLMQ_REDIS_URL, default {keys.DEFAULT_REDIS_URL})")
+    parser.add_argument("--broker-url", default=None,
+                        help="Celery broker if not the ledger Redis (env VLMQ_BROKER_URL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    submit = sub.add_parser("submit", help="submit a job; prints its id (or its result)")
+    submit.add_argument("--prompt", help="the question (with --image: one user message)")
+    submit.add_argument("--image", action="append", default=[], metavar="URL",
+                        help="image source: http(s) URL, s3://bucket/key or data: URI; repeatable")
+    submit.add_argument("--messages", metavar="FILE",
+                        help="JSON file ('-' for stdin) with a chat conversation (messages list)")
+    submit.add_argument("--max-new-tokens", type=int, default=None)
+    submit.add_argument("--temperature", type=float, default=None)
+    submit.add_argument("--do-sample", action="store_true", default=None)
+    submit.add_argument("--seed", type=int, default=None)
+    submit.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
+    submit.add_argument("--model", default=None, help="route to this model's queue")
+    submit.add_argument("--ttl", type=float, default=None, dest="ttl_s",
+                        help="seconds before an unfinished job expires")
+    submit.add_argument("--idempotency-key", default=None)
+    submit.add_argument("--wait", action="store_true", help="wait and print the result")
+    submit.add_argument("--stream", action="store_true",
+                        help="print tokens as they arrive, then the final status line")
+    submit.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to wait with --wait/--stream (default 600)")
+
+    for name, text in (("status", "print a job's state"), ("cancel", "cancel a job")):
+        sub.add_parser(name, help=text).add_argument("job_id")
+    result = sub.add_parser("result", help="wait for a job and print its result")
+    result.add_argument("job_id")
+    result.add_argument("--timeout", type=float, default=600.0)
+    stream = sub.add_parser("stream", help="print a job's tokens (replayed, then live)")
+    stream.add_argument("job_id")
+    stream.add_argument("--after", type=int, default=None, help="start after this seq")
+    stream.add_argument("--json", action="store_true", help="print each event as JSON")
+    stream.add_argument("--timeout", type=float, default=600.0)
+    sub.add_parser("schema", help="print the JSON Schema of the wire contract")
+    return parser
+
+
+def _follow(producer: Producer, job_id: str, after: int | None, as_json: bool,
+            timeout: float) -> int:
+    last = None
+    for event in producer.stream(job_id, after=after, timeout=timeout):
+        last = event
+        if as_json:
+            print(event.model_dump_json(), flush=True)
+        elif event.delta:
+            print(event.delta, end="", flush=True)
+    if not as_json:
+        print()
+        state = producer.status(job_id)
+        reason = state.finish_reason or (state.error.code if state.error else "")
+        print(f"[{job_id}] {state.status} {reason}".rstrip(), file=sys.stderr)
+    return 0 if last is not None and last.type in ("done", "cancelled") else 1
+
+
+def _submit(producer: Producer, args: argparse.Namespace) -> int:
+    messages = None
+    if args.messages:
+        if args.messages == "-":
+            messages = json.load(sys.stdin)
+        else:
+            with open(args.messages, encoding="utf-8") as handle:
+                messages = json.load(handle)
+    options = {name: getattr(args, name) for name in (
+        "max_new_tokens", "temperature", "do_sample", "seed", "stop", "model", "ttl_s",
+        "idempotency_key") if getattr(args, name) is not None}
+    job_id = producer.submit(messages, prompt=args.prompt,
+                             images=args.image or None if args.prompt else None, **options)
+    if args.stream:
+        print(f"[{job_id}]", file=sys.stderr)
+        return _follow(producer, job_id, None, False, args.timeout)
+    if args.wait:
+        _print(producer.result(job_id, timeout=args.timeout).model_dump(mode="json"))
+        return 0
+    print(job_id)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        _print(request_json_schema())
+        return 0
+    redis_url = args.redis_url or os.environ.get("VLMQ_REDIS_URL", keys.DEFAULT_REDIS_URL)
+    broker_url = args.broker_url or os.environ.get("VLMQ_BROKER_URL")
+    try:
+        with Producer(redis_url, broker_url=broker_url) as producer:
+            if args.command == "submit":
+                return _submit(producer, args)
+            if args.command == "status":
+                _print(producer.status(args.job_id).model_dump(mode="json"))
+            elif args.command == "result":
+                _print(producer.result(args.job_id, timeout=args.timeout).model_dump(mode="json"))
+            elif args.command == "cancel":
+                _print({"job_id": args.job_id, "answer": producer.cancel(args.job_id)})
+            elif args.command == "stream":
+                return _follow(producer, args.job_id, args.after, args.json, args.timeout)
+            return 0
+    except InvalidRequestError as error:
+        print(f"vlmq: {error}", file=sys.stderr)
+        return 2
+    except (JobNotFound, JobTimeout) as error:
+        print(f"vlmq: {error}", file=sys.stderr)
+        return 3
+    except JobFailed as error:
+        _print(error.state.model_dump(mode="json"))
+        print(f"vlmq: {error}", file=sys.stderr)
+        return 4
+    except (OSError, redis.exceptions.ConnectionError) as error:
+        print(f"vlmq: cannot reach Redis/broker: {error}", file=sys.stderr)
+        return 5
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

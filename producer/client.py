@@ -1,0 +1,193 @@
+"""Producer: submit jobs, read their status and result, follow their token stream, cancel them.
+
+Submitting writes the QUEUED record first, then sends the Celery task ``vlmq.generate`` by name
+with only the job id, so the ledger knows every accepted job even if the broker loses the
+message (the workers' reconciler re-sends it).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from celery import Celery
+from pydantic import ValidationError
+
+from producer import keys
+from producer.errors import InvalidRequestError, JobFailed, JobNotFound, JobTimeout
+from producer.jobs import DEFAULT_RETENTION_S, Ledger, parse_result
+from producer.schema import (
+    DEFAULT_LIMITS,
+    JobRequest,
+    JobResult,
+    JobState,
+    JobStatus,
+    Limits,
+    StreamEvent,
+)
+
+_PARAM_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+                "repetition_penalty", "seed", "stop")
+
+
+def build_request(
+    messages: list[dict[str, Any]] | None = None,
+    *,
+    prompt: str | None = None,
+    images: list[str] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    **options: Any,
+) -> JobRequest:
+    """Validate the caller's arguments into a JobRequest, or raise InvalidRequestError."""
+    data: dict[str, Any] = {}
+    if messages is not None:
+        data["messages"] = messages
+    if prompt is not None or images is not None:
+        data["prompt"] = prompt
+        data["images"] = images
+    params: Any = {name: options.pop(name) for name in _PARAM_NAMES if name in options}
+    given = options.pop("params", None)
+    if isinstance(given, dict):
+        params = {**given, **params}
+    elif given is not None:
+        params = given  # not a mapping: validation says so
+    if params:
+        data["params"] = params
+    data.update({key: value for key, value in options.items() if value is not None})
+    try:
+        return JobRequest.model_validate(data, context={"limits": limits})
+    except ValidationError as error:
+        raise InvalidRequestError.from_validation(error) from None
+
+
+def make_celery(broker_url: str) -> Celery:
+    """A send-only Celery app: JSON only, tasks sent by name."""
+    app = Celery("vlmq-producer", broker=broker_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], result_backend=None,
+                    broker_connection_retry_on_startup=True)
+    return app
+
+
+def parse_event(fields: dict[Any, Any]) -> StreamEvent:
+    data = fields.get(b"data", fields.get("data"))
+    return StreamEvent.model_validate_json(data)
+
+
+class Producer:
+    """Blocking producer. ``redis_url`` holds the ledger and streams; the broker defaults to it."""
+
+    def __init__(
+        self,
+        redis_url: str = keys.DEFAULT_REDIS_URL,
+        *,
+        broker_url: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        retention_s: int = DEFAULT_RETENTION_S,
+    ) -> None:
+        self.redis = redis.Redis.from_url(redis_url)
+        self.ledger = Ledger(self.redis, retention_s=retention_s)
+        self.limits = limits
+        self._celery = make_celery(broker_url or redis_url)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(
+        self,
+        messages: list[dict[str, Any]] | None = None,
+        *,
+        prompt: str | None = None,
+        images: list[str] | None = None,
+        request: JobRequest | None = None,
+        **options: Any,
+    ) -> str:
+        """Accept a job and return its id. Options: GenerationParams fields, model, ttl_s,
+        idempotency_key, metadata, result_store, max_pixels."""
+        if request is None:
+            request = build_request(messages, prompt=prompt, images=images, limits=self.limits,
+                                    **options)
+        queue = keys.queue_for_model(request.model)
+        created, job_id = self.ledger.create(uuid.uuid4().hex, request, queue)
+        if created:
+            self.enqueue(job_id, queue)
+        return job_id
+
+    def enqueue(self, job_id: str, queue: str = keys.DEFAULT_QUEUE) -> None:
+        """Send the task message for an existing record (also used to re-send a lost one)."""
+        self._celery.send_task(keys.TASK_GENERATE, args=[job_id], queue=queue, task_id=job_id)
+
+    def status(self, job_id: str) -> JobState:
+        state = self.ledger.state(job_id)
+        if state is None:
+            raise JobNotFound(job_id)
+        return state
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobState:
+        """Block until the job is terminal; returns its final state."""
+        end = None if timeout is None else time.monotonic() + timeout
+        last_id = "0-0"
+        while True:
+            state = self.status(job_id)
+            if state.status.terminal:
+                return state
+            remaining = 1.0 if end is None else end - time.monotonic()
+            if remaining <= 0:
+                raise JobTimeout(f"job {job_id} still {state.status} after {timeout}s")
+            block = max(1, int(min(remaining, 1.0) * 1000))
+            found = self.redis.xread({keys.stream_key(job_id): last_id}, block=block, count=100)
+            for _stream, entries in found or []:
+                last_id = entries[-1][0]
+
+    def result(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """Wait for the job and return its result (partial text for a cancelled job).
+
+        Raises JobFailed for FAILED jobs and for EXPIRED ones that have no partial result."""
+        state = self.wait(job_id, timeout)
+        raw = self.ledger.raw(job_id) or {}
+        found = parse_result(raw)
+        if found is None or state.status == JobStatus.FAILED:
+            raise JobFailed(state)
+        return found
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job. Returns ``cancelled`` (it was queued: it will never run),
+        ``requested`` (running: it stops within two decode steps), or the status of an
+        already finished job (nothing changes)."""
+        answer = self.ledger.cancel(job_id)
+        if answer == "missing":
+            raise JobNotFound(job_id)
+        return answer
+
+    def stream(self, job_id: str, after: int | None = None,
+               timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Yield the job's events from the start (or after seq ``after``), then live, until
+        the terminal event. Replays the Redis Stream, so joining late loses nothing."""
+        if self.ledger.raw(job_id) is None:
+            raise JobNotFound(job_id)
+        end = None if timeout is None else time.monotonic() + timeout
+        skey = keys.stream_key(job_id)
+        last_id = "0-0"
+        while True:
+            found = self.redis.xread({skey: last_id}, block=1000, count=500)
+            for _stream, entries in found or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    event = parse_event(fields)
+                    if after is not None and event.seq <= after:
+                        continue
+                    yield event
+                    if event.terminal:
+                        return
+            if end is not None and time.monotonic() > end:
+                raise JobTimeout(f"no terminal event for job {job_id} within {timeout}s")
+            if not found and self.ledger.raw(job_id) is None:
+                raise JobNotFound(job_id)

@@ -1,0 +1,54 @@
+"""Errors a producer sees. Worker-side failures arrive as ``ErrorInfo`` inside ``JobFailed``."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from producer.schema import ErrorInfo, JobState
+
+
+class VlmqError(Exception):
+    """Base of every error the producer raises."""
+
+
+class InvalidRequestError(VlmqError, ValueError):
+    """The request breaks the contract; ``problems`` lists (field path, reason) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = "; ".join(f"{path or '(request)'}: {reason}" for path, reason in problems)
+        super().__init__(f"invalid job request: {lines}")
+
+    @classmethod
+    def from_validation(cls, error: ValidationError) -> InvalidRequestError:
+        problems = []
+        for item in error.errors():
+            path = ".".join(str(part) for part in item["loc"])
+            reason = item["msg"].removeprefix("Value error, ")
+            problems.append((path, reason))
+        return cls(problems)
+
+
+class JobNotFound(VlmqError, KeyError):
+    """No record for this job id (never submitted, or expired after its retention)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r} (unknown, or its record has expired)")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class JobFailed(VlmqError):
+    """The job ended FAILED or EXPIRED without a result; ``error`` says why."""
+
+    def __init__(self, state: JobState) -> None:
+        self.state = state
+        self.error = state.error or ErrorInfo(code="INTERNAL", message=f"job {state.status}")
+        super().__init__(f"job {state.job_id} {state.status}: {self.error.code}: "
+                         f"{self.error.message}")
+
+
+class JobTimeout(VlmqError, TimeoutError):
+    """The job did not finish within the time the caller was willing to wait."""

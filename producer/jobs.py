@@ -1,0 +1,194 @@
+"""The job record (the ledger) and its state machine, shared by producers and workers.
+
+A job is a Redis hash at ``vlmq:job:{id}``. Transitions are Lua scripts (``producer.scripts``)
+so each is atomic; an illegal one (finishing a job you no longer own, cancelling a finished one)
+is refused, not applied. Allowed moves::
+
+    QUEUED  -> RUNNING (claim) | CANCELLED (cancel) | EXPIRED (claim past deadline)
+    RUNNING -> SUCCEEDED | FAILED | CANCELLED | EXPIRED (finish, with the current fence)
+    RUNNING -> QUEUED (release: handed back) | RUNNING (re-claim after the lease ran out)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from producer import keys, scripts
+from producer.schema import ErrorInfo, JobRequest, JobResult, JobState, JobStatus
+
+DEFAULT_RETENTION_S = 86_400
+DEFAULT_STREAM_MAXLEN = 10_000
+
+
+def new_record(job_id: str, request: JobRequest, queue: str, now: float) -> dict[str, str]:
+    """The hash fields of a freshly accepted job (status QUEUED)."""
+    fields = {
+        "id": job_id,
+        "status": JobStatus.QUEUED.value,
+        "queue": queue,
+        "model": request.model or "",
+        "request": request.model_dump_json(),
+        "created_at": repr(now),
+        "attempts": "0",
+        "fence": "0",
+        "tokens": "0",
+    }
+    if request.ttl_s is not None:
+        fields["deadline_at"] = repr(now + request.ttl_s)
+    return fields
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def parse_state(raw: dict[str, str]) -> JobState:
+    """Turn the record hash (decoded to str) into the public JobState."""
+    error = raw.get("error")
+    return JobState(
+        job_id=raw["id"],
+        status=JobStatus(raw["status"]),
+        queue=raw.get("queue", keys.DEFAULT_QUEUE),
+        model=raw.get("model") or None,
+        created_at=float(raw["created_at"]),
+        started_at=_float(raw.get("started_at")),
+        finished_at=_float(raw.get("finished_at")),
+        deadline_at=_float(raw.get("deadline_at")),
+        attempts=int(raw.get("attempts", "0")),
+        worker=raw.get("worker") or None,
+        cancel_requested=raw.get("cancel") == "1",
+        finish_reason=raw.get("finish_reason") or None,  # type: ignore[arg-type]
+        error=ErrorInfo.model_validate_json(error) if error else None,
+        result_uri=raw.get("result_uri") or None,
+    )
+
+
+def parse_result(raw: dict[str, str]) -> JobResult | None:
+    body = raw.get("result")
+    return JobResult.model_validate_json(body) if body else None
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: str  # claimed | missing | terminal | busy | cancelled | expired | exhausted
+    fence: int
+
+
+def _decode(raw: dict[Any, Any]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+
+
+class Ledger:
+    """Synchronous access to job records; one per process, thread-safe (redis-py pools)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        retention_s: int = DEFAULT_RETENTION_S,
+        stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
+    ) -> None:
+        self.redis = client
+        self.retention_s = retention_s
+        self.stream_maxlen = stream_maxlen
+        self._create = client.register_script(scripts.CREATE)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._heartbeat = client.register_script(scripts.HEARTBEAT)
+        self._append = client.register_script(scripts.APPEND)
+        self._finish = client.register_script(scripts.FINISH)
+        self._release = client.register_script(scripts.RELEASE)
+        self._cancel = client.register_script(scripts.CANCEL)
+
+    @staticmethod
+    def _job_keys(job_id: str) -> list[str]:
+        return [keys.job_key(job_id), keys.stream_key(job_id), keys.token_channel(job_id)]
+
+    def create(self, job_id: str, request: JobRequest, queue: str) -> tuple[bool, str]:
+        """Write a QUEUED record. Returns (created, job_id); an idempotency hit is (False, id)."""
+        now = time.time()
+        fields = new_record(job_id, request, queue, now)
+        idem = keys.idempotency_key(request.idempotency_key) if request.idempotency_key else ""
+        flat = [item for pair in fields.items() for item in pair]
+        created, found = self._create(
+            keys=[keys.job_key(job_id), idem], args=[job_id, repr(now), self.retention_s, *flat]
+        )
+        return bool(created), found.decode() if isinstance(found, bytes) else str(found)
+
+    def raw(self, job_id: str) -> dict[str, str] | None:
+        raw = self.redis.hgetall(keys.job_key(job_id))
+        return _decode(raw) if raw else None  # type: ignore[arg-type]
+
+    def state(self, job_id: str) -> JobState | None:
+        raw = self.raw(job_id)
+        return parse_state(raw) if raw else None
+
+    def request(self, job_id: str) -> str | None:
+        value = self.redis.hget(keys.job_key(job_id), "request")
+        return value.decode() if isinstance(value, bytes) else value  # type: ignore[return-value]
+
+    def claim(self, job_id: str, worker: str, lease_s: float, max_attempts: int) -> Claim:
+        outcome, fence = self._claim(
+            keys=self._job_keys(job_id),
+            args=[repr(time.time()), lease_s, worker, max_attempts, self.retention_s,
+                  self.stream_maxlen],
+        )
+        return Claim(outcome.decode() if isinstance(outcome, bytes) else outcome, int(fence))
+
+    def heartbeat(self, job_id: str, fence: int, lease_s: float) -> int:
+        """Extend the lease. Returns -1 if the job is no longer ours, 1 if cancel was asked."""
+        return int(self._heartbeat(keys=[keys.job_key(job_id)],
+                                   args=[fence, repr(time.time()), lease_s]))
+
+    def append(self, rows: list[tuple[str, int, int, str, int]]) -> list[int]:
+        """For each (job_id, fence, seq, event JSON or '', tokens) row, append and publish the
+        event, in ONE pipelined round trip. Returns per row: 0 stale fence, 2 cancel asked, 1."""
+        if not rows:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, fence, seq, data, tokens in rows:
+            self._append(keys=self._job_keys(job_id),
+                         args=[fence, seq, data, self.stream_maxlen, tokens], client=pipe)
+        return [int(answer) for answer in pipe.execute()]
+
+    def stream_so_far(self, job_id: str) -> tuple[str, int]:
+        """Text already streamed for this job and the next seq (for a new attempt)."""
+        text, seq = [], 0
+        for _entry_id, fields in self.redis.xrange(keys.stream_key(job_id)):
+            seq = int(fields[b"seq"]) + 1
+            text.append(json.loads(fields[b"data"]).get("delta", ""))
+        return "".join(text), seq
+
+    def finish(
+        self,
+        job_id: str,
+        fence: int,
+        status: JobStatus,
+        event_type: str,
+        event_extra: dict[str, Any],
+        fields: dict[str, str],
+    ) -> bool:
+        """Move a RUNNING job we own to a terminal status and emit its terminal event."""
+        flat = [item for pair in fields.items() for item in pair]
+        done = self._finish(
+            keys=self._job_keys(job_id),
+            args=[fence, status.value, repr(time.time()), self.retention_s, self.stream_maxlen,
+                  json.dumps(event_extra), event_type, *flat],
+        )
+        return bool(done)
+
+    def release(self, job_id: str, fence: int) -> bool:
+        """Hand a RUNNING job back to QUEUED (for a retry), if the fence still holds."""
+        return bool(self._release(keys=[keys.job_key(job_id)], args=[fence, repr(time.time())]))
+
+    def cancel(self, job_id: str) -> str:
+        answer = self._cancel(keys=self._job_keys(job_id),
+                              args=[repr(time.time()), self.retention_s, self.stream_maxlen])
+        return answer.decode() if isinstance(answer, bytes) else str(answer)

@@ -1,0 +1,320 @@
+"""The wire contract: every JSON document that crosses a process boundary.
+
+Frozen pydantic v2 models, JSON only, versioned by ``schema_version``. A producer in another
+language reads docs/PROTOCOL.md or ``vlmq schema`` (the JSON Schema of these models).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request; the producer and the worker both check them."""
+
+    max_new_tokens: int = 4096
+    max_images: int = 16
+    max_messages: int = 64
+    max_text_chars: int = 32_000
+    max_source_chars: int = 8_000_000  # a data: URI of about 6 MB of image bytes
+    max_metadata_entries: int = 16
+    max_metadata_chars: int = 512
+    max_stop_strings: int = 8
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class JobStatus(StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes. ``retryable`` on ErrorInfo says whether trying again may help."""
+
+    INVALID_REQUEST = "INVALID_REQUEST"
+    INVALID_PROMPT = "INVALID_PROMPT"
+    PROMPT_TOO_LONG = "PROMPT_TOO_LONG"
+    IMAGE_FETCH_FAILED = "IMAGE_FETCH_FAILED"
+    IMAGE_FETCH_TIMEOUT = "IMAGE_FETCH_TIMEOUT"
+    IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
+    IMAGE_URL_FORBIDDEN = "IMAGE_URL_FORBIDDEN"
+    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
+    IMAGE_UNSUPPORTED_FORMAT = "IMAGE_UNSUPPORTED_FORMAT"
+    IMAGE_INVALID = "IMAGE_INVALID"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    RESULT_STORE_FAILED = "RESULT_STORE_FAILED"
+    MODEL_ERROR = "MODEL_ERROR"
+    WORKER_LOST = "WORKER_LOST"
+    INTERNAL = "INTERNAL"
+
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TextPart(_Frozen):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Frozen):
+    type: Literal["image"]
+    image: str = Field(description="http(s) URL, s3://bucket/key, or data:image/...;base64,...")
+
+    @field_validator("image")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        check_image_source(value)
+        return value
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Frozen):
+    role: Literal["system", "user", "assistant"]
+    content: list[Part] = Field(min_length=1)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_shorthand(cls, value: Any) -> Any:
+        return [{"type": "text", "text": value}] if isinstance(value, str) else value
+
+
+_DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+
+
+def check_image_source(value: str) -> None:
+    """Raise ValueError unless ``value`` is an http(s) URL, an s3:// URI or a base64 data: URI."""
+    if value.startswith("data:"):
+        match = _DATA_URI.match(value)
+        if not match:
+            raise ValueError("a data: URI must look like data:image/<type>;base64,<payload>")
+        try:
+            base64.b64decode(value[match.end() :], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("the data: URI payload is not valid base64") from None
+        return
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            raise ValueError("the image URL has no host")
+        return
+    if parts.scheme == "s3":
+        if not parts.netloc or not parts.path.strip("/"):
+            raise ValueError("an s3 URI must look like s3://bucket/key")
+        return
+    raise ValueError(
+        f"unsupported image source scheme {parts.scheme or '(none)'!r}: "
+        "use http(s)://, s3://bucket/key or data:image/...;base64,"
+    )
+
+
+class GenerationParams(_Frozen):
+    max_new_tokens: int = Field(256, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0, le=10_000)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo) -> GenerationParams:
+        limits = _limits(info)
+        if self.max_new_tokens > limits.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be at most {limits.max_new_tokens}")
+        if len(self.stop) > limits.max_stop_strings:
+            raise ValueError(f"at most {limits.max_stop_strings} stop strings")
+        return self
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    context = info.context or {}
+    limits = context.get("limits", DEFAULT_LIMITS)
+    return limits if isinstance(limits, Limits) else DEFAULT_LIMITS
+
+
+class JobRequest(_Frozen):
+    """What a producer asks for. ``prompt`` + ``images`` is shorthand for one user message."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    messages: list[Message] = Field(min_length=1)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    model: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._/:-]+$")
+    result_store: Literal["redis", "s3"] = "redis"
+    ttl_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=128)
+    max_pixels: int | None = Field(None, ge=28 * 28, le=100_000_000)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or ("prompt" not in data and "images" not in data):
+            return data
+        data = dict(data)
+        if data.get("messages") is not None:
+            raise ValueError("give either messages or prompt/images, not both")
+        prompt = data.pop("prompt", None)
+        images = data.pop("images", None) or []
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt: a non-empty string is required with the shorthand form")
+        if not isinstance(images, list):
+            raise ValueError("images: must be a list of image sources")
+        parts: list[Any] = [{"type": "image", "image": src} for src in images]
+        parts.append({"type": "text", "text": prompt})
+        data["messages"] = [{"role": "user", "content": parts}]
+        return data
+
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo) -> JobRequest:
+        limits = _limits(info)
+        if len(self.messages) > limits.max_messages:
+            raise ValueError(f"messages: at most {limits.max_messages} messages")
+        if self.messages[-1].role != "user":
+            raise ValueError("messages: the last message must have role 'user'")
+        text_chars = 0
+        for i, message in enumerate(self.messages):
+            for part in message.content:
+                if isinstance(part, TextPart):
+                    text_chars += len(part.text)
+                elif message.role != "user":
+                    raise ValueError(f"messages.{i}: images are only allowed in user messages")
+                elif len(part.image) > limits.max_source_chars:
+                    raise ValueError(f"messages.{i}: image source longer than the limit")
+        if text_chars > limits.max_text_chars:
+            raise ValueError(f"messages: text is {text_chars} chars, limit {limits.max_text_chars}")
+        if len(self.image_sources()) > limits.max_images:
+            raise ValueError(f"messages: at most {limits.max_images} images per job")
+        if len(self.metadata) > limits.max_metadata_entries:
+            raise ValueError(f"metadata: at most {limits.max_metadata_entries} entries")
+        for key, value in self.metadata.items():
+            if not key or len(key) > 64 or len(value) > limits.max_metadata_chars:
+                raise ValueError(
+                    f"metadata: keys 1..64 chars, values up to {limits.max_metadata_chars}"
+                )
+        return self
+
+    def image_sources(self) -> list[str]:
+        """Image sources in the order they appear in the conversation."""
+        return [
+            part.image
+            for message in self.messages
+            for part in message.content
+            if isinstance(part, ImagePart)
+        ]
+
+
+class ErrorInfo(_Frozen):
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+
+
+class Usage(_Frozen):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Timings(_Frozen):
+    """Milliseconds spent in each phase of the last attempt."""
+
+    queued_ms: float = 0.0
+    fetch_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    generate_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class JobResult(_Frozen):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job_id: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings = Field(default_factory=Timings)
+    model: str = ""
+    worker: str = ""
+
+
+class JobState(_Frozen):
+    """The ledger's view of a job, as ``Producer.status`` returns it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job_id: str
+    status: JobStatus
+    queue: str
+    model: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    deadline_at: float | None = None
+    attempts: int = 0
+    worker: str | None = None
+    cancel_requested: bool = False
+    finish_reason: FinishReason | None = None
+    error: ErrorInfo | None = None
+    result_uri: str | None = None
+
+
+EventType = Literal["delta", "done", "error", "cancelled"]
+
+
+class StreamEvent(_Frozen):
+    """One event of a job's token stream. Exactly one terminal event (not ``delta``) ends it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job_id: str
+    seq: int = Field(ge=0)
+    type: EventType
+    delta: str = ""
+    tokens: int = 0
+    ts: float
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.type != "delta"
+
+
+def request_json_schema() -> dict[str, Any]:
+    """The JSON Schema of every wire document, keyed by name (``vlmq schema``)."""
+    models: dict[str, type[BaseModel]] = {
+        "JobRequest": JobRequest,
+        "JobState": JobState,
+        "JobResult": JobResult,
+        "StreamEvent": StreamEvent,
+        "ErrorInfo": ErrorInfo,
+    }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "models": {name: model.model_json_schema() for name, model in models.items()},
+    }

@@ -1,0 +1,81 @@
+"""Fixtures: a real redis-server, a loopback image server, tiny models, worker processes."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import ImageServer, RedisServer, WorkerProcess
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ARCHS = ("idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def make_image(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
+    """A deterministic picture (gradients and blocks), encoded as ``fmt``."""
+    from PIL import Image
+
+    image = Image.new("RGB", (width, height))
+    pixels = image.load()
+    assert pixels is not None
+    for x in range(width):
+        for y in range(height):
+            pixels[x, y] = ((x * 7 + seed * 40) % 256, (y * 11 + seed * 90) % 256,
+                            ((x // 8 + y // 8) * 60 + seed * 30) % 256)
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    server.put("/cats.png", make_image(64, 48, 1))
+    server.put("/bee.jpg", make_image(40, 56, 2, "JPEG"), ctype="image/jpeg")
+    server.put("/wide.png", make_image(96, 32, 3))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_paths() -> dict[str, str]:
+    from worker.tiny import tiny_model_path
+
+    return {arch: str(tiny_model_path(arch)) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def workers(redis_server: RedisServer, image_server: ImageServer, tiny_paths: dict[str, str],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, WorkerProcess]]:
+    """One worker process per tiny architecture, each on its model's queue (tiny-<arch>)."""
+    log_dir = str(tmp_path_factory.mktemp("worker-logs"))
+    procs = {arch: WorkerProcess(path, redis_server.url, name=f"tiny-{arch}",
+                                 image_port=image_server.port, log_dir=log_dir)
+             for arch, path in tiny_paths.items()}
+    try:
+        for proc in procs.values():
+            proc.wait_ready()
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+@pytest.fixture()
+def producer(redis_server: RedisServer) -> Iterator[object]:
+    from producer import Producer
+
+    with Producer(redis_server.url) as client:
+        yield client

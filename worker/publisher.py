@@ -1,0 +1,52 @@
+"""Sends each decode step's stream events for the whole batch in one pipelined round trip.
+
+Runs in its own thread so generation never waits on Redis; keeps order (one FIFO queue);
+reads back each row's cancel flag; resolves a job's future only after its last delta is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from producer.jobs import Ledger
+from worker.work import Work
+
+log = logging.getLogger("vlmq.publisher")
+
+Row = tuple[str, int, int, str, int]
+
+
+class Publisher:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._queue: queue.Queue[tuple[list[tuple[Work, Row]], list[Work]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="vlmq-publish", daemon=True)
+        self._thread.start()
+
+    def send(self, rows: list[tuple[Work, Row]], finished: list[Work]) -> None:
+        """Queue one step: its rows (an empty delta is a cancel check) and the jobs it ended."""
+        self._queue.put((rows, finished))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            rows, finished = item
+            try:
+                answers = self.ledger.append([row for _work, row in rows])
+            except Exception:  # Redis away: generation goes on; the commit will retry
+                log.warning("could not publish a step for %d rows", len(rows), exc_info=True)
+                answers = [1] * len(rows)
+            for (work, _row), answer in zip(rows, answers, strict=True):
+                if answer in (0, 2):  # 0: someone else owns the job now; 2: cancel asked
+                    work.cancel.set()
+            for work in finished:
+                if not work.future.done():
+                    work.future.set_result(work.outcome())

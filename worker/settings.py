@@ -1,0 +1,94 @@
+"""WorkerSettings: every knob of a worker, read once at start (env prefix ``VLMQ_``), passed down.
+
+Nothing else in the worker reads ``os.environ``; CLI flags override the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from producer.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+CsvInts = Annotated[list[int], NoDecode]
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VLMQ_", extra="ignore", frozen=True)
+
+    # where and what
+    redis_url: str = DEFAULT_REDIS_URL
+    broker_url: str | None = None  # defaults to redis_url
+    queue: str = DEFAULT_QUEUE
+    model: str = DEFAULT_MODEL
+    model_name: str | None = None  # the id reported in results; defaults to ``model``
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    quantize: Literal["none", "int8", "int8-bnb", "nf4-bnb"] = "none"
+    hostname: str | None = None
+
+    # generation and batching
+    max_new_tokens_cap: int = Field(4096, ge=1)
+    max_input_tokens: int = Field(16_384, ge=16)
+    max_generate_s: float = Field(600.0, gt=0)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_ms: float = Field(2.0, ge=0)
+
+    # ledger and reliability
+    retention_s: int = Field(86_400, ge=60)
+    lease_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    stream_maxlen: int = Field(10_000, ge=100)
+
+    # image fetching and decoding
+    fetch_connect_timeout_s: float = Field(5.0, gt=0)
+    fetch_read_timeout_s: float = Field(10.0, gt=0)
+    fetch_total_timeout_s: float = Field(30.0, gt=0)
+    fetch_retries: int = Field(2, ge=0, le=10)
+    max_redirects: int = Field(3, ge=0, le=10)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+    allow_private_addresses: bool = False
+    allowed_ports: CsvInts = Field(default_factory=lambda: [80, 443])
+    host_allowlist: CsvList = Field(default_factory=list)
+    host_denylist: CsvList = Field(default_factory=list)
+    fetch_proxy: str | None = None
+    user_agent: str = "vlmq-worker/0.1 (+image fetcher)"
+    image_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)
+
+    # S3 (image sources and results)
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_allowed_buckets: CsvList = Field(default_factory=list)
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    # logs
+    log_level: str = "INFO"
+    log_format: Literal["plain", "json"] = "plain"
+
+    def served_model(self) -> str:
+        return self.model_name or self.model
+
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @field_validator(
+        "allowed_ports", "host_allowlist", "host_denylist", "s3_allowed_buckets", mode="before"
+    )
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split(value)

@@ -1,0 +1,79 @@
+"""One job as the engine sees it: its request, its stream state, and how it ends (pure)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.schema import FinishReason, JobRequest, Timings, Usage
+from worker.textstream import TextAssembler
+
+
+@dataclass
+class Outcome:
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+@dataclass
+class Work:
+    """A claimed job travelling through the engine. Owned by one thread at a time, except
+    ``cancel`` (set by the publisher) and ``future`` (resolved by the publisher)."""
+
+    job_id: str
+    fence: int
+    request: JobRequest
+    created_at: float
+    deadline: float  # time.time() after which the job stops with finish_reason "deadline"
+    already_sent: str = ""
+    next_seq: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: Future[Outcome] = field(default_factory=Future)
+    claimed_at: float = field(default_factory=time.time)
+    # filled by the engine
+    inputs: Any = None
+    prompt_tokens: int = 0
+    fetch_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    gen_started: float = 0.0
+    assembler: TextAssembler | None = None
+    tokens: int = 0
+    finish_reason: FinishReason | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def event(self, etype: str, delta: str = "") -> tuple[str, int, int, str, int]:
+        """A stream row for ``Ledger.append``: consumes the next seq when there is an event."""
+        if not delta and etype == "delta":
+            return (self.job_id, self.fence, self.next_seq, "", self.tokens)
+        seq = self.next_seq
+        self.next_seq += 1
+        data = json.dumps({"schema_version": 1, "job_id": self.job_id, "seq": seq,
+                           "type": etype, "delta": delta, "tokens": self.tokens,
+                           "ts": time.time()}, ensure_ascii=False)
+        return (self.job_id, self.fence, seq, data, self.tokens)
+
+    def outcome(self) -> Outcome:
+        assert self.finish_reason is not None
+        now = time.time()
+        text = self.assembler.text if self.assembler else ""
+        return Outcome(
+            text=text,
+            finish_reason=self.finish_reason,
+            usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.tokens),
+            timings=Timings(
+                queued_ms=round((self.claimed_at - self.created_at) * 1000, 3),
+                fetch_ms=round(self.fetch_ms, 3),
+                preprocess_ms=round(self.preprocess_ms, 3),
+                generate_ms=round((now - self.gen_started) * 1000, 3) if self.gen_started else 0,
+                total_ms=round((now - self.created_at) * 1000, 3),
+            ),
+        )
