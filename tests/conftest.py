@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import ImageServer, RedisServer, WorkerProcess
+from demo.servers import ImageServer, RedisServer, WorkerProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -62,7 +62,8 @@ def workers(redis_server: RedisServer, image_server: ImageServer, tiny_paths: di
     """One worker process per tiny architecture, each on its model's queue (tiny-<arch>)."""
     log_dir = str(tmp_path_factory.mktemp("worker-logs"))
     procs = {arch: WorkerProcess(path, redis_server.url, name=f"tiny-{arch}",
-                                 image_port=image_server.port, log_dir=log_dir)
+                                 image_port=image_server.port, log_dir=log_dir,
+                                 env={"VLMQ_MAX_IMAGE_BYTES": str(2 * 1024 * 1024)})
              for arch, path in tiny_paths.items()}
     try:
         for proc in procs.values():

@@ -55,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmq-worker: cannot start: {error}", file=sys.stderr)
         return 2
     if args.check:
-        print(json.dumps(loaded.describe(), indent=2))
+        from worker.check import smoke_generate
+
+        try:
+            report = {**loaded.describe(), **smoke_generate(loaded)}
+        except Exception as error:
+            print(f"vlmq-worker: loaded, but cannot generate: {error}", file=sys.stderr)
+            return 3
+        print(json.dumps(report, indent=2))
         return 0
     return serve(settings, loaded, log)
 
@@ -90,7 +97,8 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     queues = queues_for(settings)
     log.info("worker %s consuming %s", worker_id, ",".join(queues))
     worker = app.Worker(hostname=worker_id, pool="threads", concurrency=settings.max_batch_size,
-                        queues=queues, loglevel=settings.log_level.upper(), quiet=True)
+                        queues=queues, loglevel=settings.log_level.upper(), quiet=True,
+                        without_mingle=True, without_gossip=True)
     worker.start()
     stop.set()
     engine.close()

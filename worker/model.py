@@ -21,6 +21,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.utils import logging as hf_logging
 
 from worker.settings import WorkerSettings
 
@@ -109,6 +110,7 @@ def load(settings: WorkerSettings) -> LoadedModel:
     attn = resolve_attention(settings.attn, device)
     if settings.quantize != "none":
         raise StartupError(f"quantize={settings.quantize!r} is not supported by this build")
+    hf_logging.disable_progress_bar()
     started = time.perf_counter()
     try:
         processor = AutoProcessor.from_pretrained(settings.model)

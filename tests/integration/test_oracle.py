@@ -51,3 +51,13 @@ def test_seed_flows_match_the_oracle(arch: str, producer: Any, workers: Any, ima
         assert result.model == f"tiny-{arch}"
         state = producer.status(job_id)
         assert state.status == "SUCCEEDED" and state.attempts == 1
+        assert_complete_stream(list(producer.stream(job_id, timeout=30)), result.text)
+
+
+def assert_complete_stream(events: list[Any], text: str) -> None:
+    """Contiguous seqs from 0, whole-character deltas that add up to the text, one terminal."""
+    assert [event.seq for event in events] == list(range(len(events)))
+    assert [event.terminal for event in events] == [False] * (len(events) - 1) + [True]
+    assert "".join(event.delta for event in events) == text
+    assert all("\ufffd" not in event.delta for event in events)
+    assert events[-1].type == "done" and events[-1].usage is not None

@@ -1,4 +1,4 @@
-"""Real parts for tests and the demo: a redis-server on a free port, a loopback image server,
+"""Real parts for the demo and the tests: a redis-server on a free port, a loopback image server,
 and vlmq-worker processes. No fakes."""
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class WorkerProcess:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-4000:]}")
-            if "ready." in self.log() or "consuming" in self.log() and "ready" in self.log():
+            if " ready." in self.log():
                 return
             time.sleep(0.2)
         raise RuntimeError(f"worker {self.name} not ready in {timeout}s:\n{self.log()[-4000:]}")

@@ -1,0 +1,86 @@
+"""The ledger's state machine against a real redis-server: atomic, fenced, illegal moves refused."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from producer import keys
+from producer.client import build_request
+from producer.jobs import Ledger
+from producer.schema import JobStatus
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def ledger(redis_server: Any) -> Ledger:
+    return Ledger(redis.Redis.from_url(redis_server.url), retention_s=120)
+
+
+def new_job(ledger: Ledger, name: str, **options: Any) -> str:
+    job_id = f"{name}-{time.monotonic_ns()}"
+    created, found = ledger.create(job_id, build_request(prompt="hi", **options), "vlmq")
+    assert created and found == job_id
+    return job_id
+
+
+def test_claim_fences_and_refuses_stale_commits(ledger: Ledger) -> None:
+    job_id = new_job(ledger, "fence")
+    first = ledger.claim(job_id, "w1", lease_s=0.2, max_attempts=3)
+    assert first.outcome == "claimed" and first.fence == 1
+    assert ledger.claim(job_id, "w2", lease_s=5, max_attempts=3).outcome == "busy"
+    time.sleep(0.3)  # lease runs out: a second worker takes over with a new fence
+    second = ledger.claim(job_id, "w2", lease_s=5, max_attempts=3)
+    assert second.outcome == "claimed" and second.fence == 2
+    assert ledger.heartbeat(job_id, first.fence, 5) == -1
+    assert not ledger.finish(job_id, first.fence, JobStatus.SUCCEEDED, "done", {}, {})
+    assert ledger.finish(job_id, second.fence, JobStatus.SUCCEEDED, "done", {}, {})
+    state = ledger.state(job_id)
+    assert state is not None and state.status == "SUCCEEDED" and state.attempts == 2
+    assert not ledger.finish(job_id, second.fence, JobStatus.FAILED, "error", {}, {})
+    assert ledger.redis.ttl(keys.job_key(job_id)) > 0
+
+
+def test_attempt_cap_ends_failed_worker_lost(ledger: Ledger) -> None:
+    job_id = new_job(ledger, "cap")
+    for _ in range(2):
+        assert ledger.claim(job_id, "w", lease_s=0.01, max_attempts=2).outcome == "claimed"
+        time.sleep(0.02)
+    assert ledger.claim(job_id, "w", lease_s=0.01, max_attempts=2).outcome == "exhausted"
+    state = ledger.state(job_id)
+    assert state and state.status == "FAILED" and state.error and state.error.code == "WORKER_LOST"
+    last = ledger.redis.xrevrange(keys.stream_key(job_id), count=1)[0][1]
+    assert json.loads(last[b"data"])["type"] == "error"
+
+
+def test_cancel_queued_running_and_finished(ledger: Ledger) -> None:
+    queued = new_job(ledger, "cq")
+    assert ledger.cancel(queued) == "cancelled"
+    assert ledger.claim(queued, "w", 5, 3).outcome == "terminal"
+    running = new_job(ledger, "cr")
+    claim = ledger.claim(running, "w", 5, 3)
+    assert ledger.cancel(running) == "requested"
+    assert ledger.heartbeat(running, claim.fence, 5) == 1
+    assert ledger.append([(running, claim.fence, 0, "", 0)]) == [2]
+    assert ledger.cancel(queued) == "CANCELLED"
+    assert ledger.cancel("no-such-job") == "missing"
+
+
+def test_deadline_passed_while_queued_expires_on_claim(ledger: Ledger) -> None:
+    job_id = new_job(ledger, "ttl", ttl_s=0.05)
+    time.sleep(0.1)
+    assert ledger.claim(job_id, "w", 5, 3).outcome == "expired"
+    state = ledger.state(job_id)
+    assert state and state.status == "EXPIRED" and state.finish_reason == "deadline"
+
+
+def test_idempotency_key_returns_the_same_job(ledger: Ledger) -> None:
+    request = build_request(prompt="hi", idempotency_key=f"k-{time.monotonic_ns()}")
+    assert ledger.create("a1", request, "vlmq") == (True, "a1")
+    assert ledger.create("a2", request, "vlmq") == (False, "a1")
+    assert ledger.raw("a2") is None

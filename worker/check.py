@@ -1,0 +1,36 @@
+"""`vlmq-worker --check`: one tiny generation with the loaded model, timed."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from PIL import Image
+
+from worker.model import LoadedModel
+
+CHECK_TOKENS = 16
+
+
+def smoke_generate(loaded: LoadedModel) -> dict[str, Any]:
+    """Generate a few tokens for a small synthetic image; report tokens/s."""
+    image = Image.new("RGB", (64, 48), (120, 160, 200))
+    messages = [{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}]}]
+    inputs = loaded.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt").to(loaded.device)
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = loaded.model.generate(**inputs, max_new_tokens=CHECK_TOKENS, do_sample=False)
+    seconds = time.perf_counter() - started
+    new = int(out.shape[1] - inputs["input_ids"].shape[1])
+    report: dict[str, Any] = {"check_tokens": new,
+                              "tokens_per_s": round(new / seconds, 1) if seconds else None}
+    if loaded.device.type == "cuda":
+        report["gpu_allocated_mb"] = round(torch.cuda.memory_allocated(loaded.device) / 2**20, 1)
+        report["gpu_reserved_mb"] = round(torch.cuda.memory_reserved(loaded.device) / 2**20, 1)
+    return report
