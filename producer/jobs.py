@@ -34,6 +34,7 @@ def new_record(job_id: str, request: JobRequest, queue: str, now: float) -> dict
         "model": request.model or "",
         "request": request.model_dump_json(),
         "created_at": repr(now),
+        "sent_at": repr(now),
         "attempts": "0",
         "fence": "0",
         "tokens": "0",

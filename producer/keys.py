@@ -12,6 +12,7 @@ TASK_GENERATE = "vlmq.generate"
 QUEUED_INDEX = f"{PREFIX}:index:queued"  # ZSET job id -> created_at, for the reconciler and stats
 RUNNING_INDEX = f"{PREFIX}:index:running"  # ZSET job id -> lease expiry
 TERMINAL_INDEX = f"{PREFIX}:index:done"  # ZSET job id -> finished_at (admin listing)
+RECONCILER_LOCK = f"{PREFIX}:reconciler:lock"  # one worker sweeps per interval
 
 
 def job_key(job_id: str) -> str:

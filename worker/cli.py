@@ -71,10 +71,12 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     import redis
 
     from producer.jobs import Ledger
+    from producer.keys import TASK_GENERATE
     from worker.app import create_app, queues_for
     from worker.engine import Engine
     from worker.media import MediaLoader
     from worker.publisher import Publisher
+    from worker.reconciler import Reconciler
     from worker.tasks import Runtime, register
 
     worker_id = settings.hostname or f"vlmq@{socket.gethostname()}:{os.getpid()}"
@@ -82,18 +84,26 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     ledger = Ledger(client, retention_s=settings.retention_s, stream_maxlen=settings.stream_maxlen)
     engine = Engine(loaded, settings, MediaLoader(settings), Publisher(ledger))
     runtime = Runtime(settings=settings, ledger=ledger, engine=engine, worker_id=worker_id)
+    app = create_app(settings)
+    register(app, runtime)
+    broker_redis = (redis.Redis.from_url(settings.broker())
+                    if settings.broker().startswith(("redis://", "rediss://", "unix://")) else None)
+    reconciler = Reconciler(
+        ledger, lambda job_id, queue: app.send_task(TASK_GENERATE, args=[job_id], queue=queue,
+                                                    task_id=job_id),
+        worker_id=worker_id, interval_s=settings.reconcile_interval_s,
+        grace_s=settings.requeue_grace_s, broker=broker_redis)
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(settings.lease_s / 3):
+        while not stop.wait(min(settings.lease_s / 3, settings.reconcile_interval_s)):
             try:
                 runtime.heartbeat_once()
+                reconciler.maybe_sweep()
             except Exception:
-                log.warning("heartbeat failed", exc_info=True)
+                log.warning("heartbeat or sweep failed", exc_info=True)
 
     threading.Thread(target=beat, name="vlmq-heartbeat", daemon=True).start()
-    app = create_app(settings)
-    register(app, runtime)
     queues = queues_for(settings)
     log.info("worker %s consuming %s", worker_id, ",".join(queues))
     worker = app.Worker(hostname=worker_id, pool="threads", concurrency=settings.max_batch_size,

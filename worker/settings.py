@@ -52,6 +52,8 @@ class WorkerSettings(BaseSettings):
     lease_s: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     stream_maxlen: int = Field(10_000, ge=100)
+    reconcile_interval_s: float = Field(10.0, gt=0)
+    requeue_grace_s: float = Field(60.0, gt=0)
 
     # image fetching and decoding
     fetch_connect_timeout_s: float = Field(5.0, gt=0)
