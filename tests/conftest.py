@@ -45,6 +45,8 @@ def image_server() -> Iterator[ImageServer]:
     server.put("/cats.png", make_image(64, 48, 1))
     server.put("/bee.jpg", make_image(40, 56, 2, "JPEG"), ctype="image/jpeg")
     server.put("/wide.png", make_image(96, 32, 3))
+    server.put("/tall.jpg", make_image(30, 72, 4, "JPEG"), ctype="image/jpeg")
+    server.put("/big.png", make_image(160, 120, 5))
     yield server
     server.close()
 
@@ -63,7 +65,8 @@ def workers(redis_server: RedisServer, image_server: ImageServer, tiny_paths: di
     log_dir = str(tmp_path_factory.mktemp("worker-logs"))
     procs = {arch: WorkerProcess(path, redis_server.url, name=f"tiny-{arch}",
                                  image_port=image_server.port, log_dir=log_dir,
-                                 env={"VLMQ_MAX_IMAGE_BYTES": str(2 * 1024 * 1024)})
+                                 env={"VLMQ_MAX_IMAGE_BYTES": str(2 * 1024 * 1024),
+                                      "VLMQ_BATCH_WAIT_MS": "30"})
              for arch, path in tiny_paths.items()}
     try:
         for proc in procs.values():

@@ -1,15 +1,28 @@
-"""The engine owns the model in this process: prepares requests, generates, streams, stops.
+"""The engine owns the model in this process: prepares requests, batches, generates, streams.
 
 Threads:
 - callers (Celery task threads) ``submit`` a Work and wait on its future;
-- a small prep pool fetches and decodes images and runs the processor, so the next request's
-  preprocessing overlaps the current generation;
-- one generation thread runs ``model.generate``; after every decode step a StoppingCriteria
-  hook decides, per row, whether it is done (EOS, stop string, its own max_new_tokens, cancel,
-  deadline) and hands that step's deltas to the publisher;
-- one publisher thread sends each step's events for the whole batch in one pipelined Redis
-  round trip, reads back cancel flags, and resolves a job's future only after its last delta
-  is written, so the terminal event (written by the task) always comes last.
+- a small prep pool fetches and decodes images and runs the processor for each request alone,
+  so the next requests' preprocessing overlaps the current generation;
+- one generation thread takes every prepared request waiting, picks a batch (``batching.plan``:
+  greedy rows of similar length within the row, token and pixel budgets; sampling rows alone),
+  joins the inputs with left padding (``batching.collate``) and runs ``model.generate``. After
+  every decode step a StoppingCriteria hook decides, per row, whether it is done (EOS, stop
+  string, its own max_new_tokens, cancel, deadline) and hands that step's deltas for the
+  whole batch to the publisher;
+- one publisher thread sends each step's events in one pipelined Redis round trip, reads back
+  cancel flags, and resolves a job's future once its last delta is written, so the terminal
+  event (written by the task) always comes last.
+
+Early-finishing rows: a row that is done stops streaming at once and its job completes (its
+future resolves) while the batch goes on; ``generate`` keeps the row in the batch, feeding it
+pad tokens, until every row is done. The cost is that row's share of each remaining step's
+compute (at most the longest row's remaining steps); a new request waits for the batch to end
+(no continuous batching: ``generate`` cannot take rows mid-way).
+
+Out of memory: the batch is split in halves and each half is retried; rows resume streaming
+where they stopped (greedy: the same tokens, so nothing is sent twice). A single request that
+does not fit fails with RESOURCE_EXHAUSTED; the worker keeps serving.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from typing import Any
 import torch
 
 from producer.schema import ImagePart, JobRequest
+from worker.batching import collate, plan
 from worker.errors import JobError, ModelError, PromptTooLong, ResourceExhausted
 from worker.model import LoadedModel, stopping
 from worker.publisher import Publisher
@@ -85,6 +99,7 @@ class Engine:
                 work.request.image_sources(), max_pixels=work.request.max_pixels,
                 deadline=time.monotonic() + max(0.0, work.deadline - time.time()))
             work.fetch_ms = (time.perf_counter() - started) * 1000
+            work.pixels = sum(image.width * image.height for image in images)
             started = time.perf_counter()
             work.inputs = self._encode(work.request, images)
             work.prompt_tokens = int(work.inputs["input_ids"].shape[1])
@@ -110,17 +125,60 @@ class Engine:
 
     # -- generation (one thread) -----------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            work = self._ready.get()
-            if work is None:
-                return
+    def _take_waiting(self, waiting: list[Work]) -> bool:
+        """Move prepared requests into ``waiting``; block only when there is nothing to do."""
+        try:
+            first = self._ready.get(timeout=None if not waiting else 0)
+        except queue.Empty:
+            return True
+        if first is None:
+            return False
+        waiting.append(first)
+        end = time.monotonic() + self.settings.batch_wait_ms / 1000
+        while len(waiting) < self.settings.max_batch_size * 4:
             try:
-                self._generate([work])
-            except BaseException as error:  # never let one job stop the loop
-                log.exception("generation failed for %s", work.job_id)
-                if not work.future.done():
-                    work.future.set_exception(self._wrap(error))
+                item = self._ready.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                return False
+            waiting.append(item)
+        return True
+
+    def _loop(self) -> None:
+        waiting: list[Work] = []
+        while self._take_waiting(waiting):
+            batch = plan(waiting, max_batch_size=self.settings.max_batch_size,
+                         max_tokens=self.settings.max_batch_tokens,
+                         max_pixels=self.settings.max_batch_pixels)
+            for work in batch:
+                waiting.remove(work)
+            self._run(batch)
+
+    def _run(self, batch: list[Work]) -> None:
+        """Generate for a batch; on out-of-memory split it; never let one error stop the loop."""
+        try:
+            self._generate(batch)
+        except torch.OutOfMemoryError as error:
+            if len(batch) == 1:
+                self._fail(batch, error)
+                return
+            log.warning("out of memory with %d rows: splitting the batch", len(batch))
+            if self.loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+            for row in batch:
+                row.reset_for_retry()
+            half = len(batch) // 2
+            self._run(batch[:half])
+            self._run(batch[half:])
+        except BaseException as error:
+            log.exception("generation failed for %s", [w.job_id for w in batch])
+            self._fail(batch, error)
+
+    def _fail(self, batch: list[Work], error: BaseException) -> None:
+        for work in batch:
+            if not work.future.done() and not work.done:
+                work.future.set_exception(self._wrap(error))
 
     @staticmethod
     def _wrap(error: BaseException) -> JobError:
@@ -131,20 +189,26 @@ class Engine:
         return ModelError(f"generation failed: {type(error).__name__}: {error}")
 
     def _generate(self, batch: list[Work]) -> None:
-        work = batch[0]
-        params = work.request.params
-        limit = min(params.max_new_tokens, self.settings.max_new_tokens_cap)
-        cap = time.time() + self.settings.max_generate_s
+        params = batch[0].request.params  # rows of a batch share their generation settings
+        limits = [min(w.request.params.max_new_tokens, self.settings.max_new_tokens_cap)
+                  for w in batch]
         now = time.time()
+        cap = now + self.settings.max_generate_s
+        live = []
         for row in batch:
             row.deadline = min(row.deadline, cap)
-            row.gen_started = now
-            row.assembler = TextAssembler(self._decode, params.stop, row.already_sent)
+            row.gen_started = row.gen_started or now
+            row.assembler = TextAssembler(self._decode, row.request.params.stop, row.already_sent)
             if row.cancel.is_set() or now >= row.deadline:
                 row.finish_reason = "cancelled" if row.cancel.is_set() else "deadline"
                 self.publisher.send([], [row])
-                return
-        kwargs: dict[str, Any] = {"max_new_tokens": limit, "do_sample": params.do_sample}
+            else:
+                live.append(row)
+        if not live:
+            return
+        if len(live) < len(batch):
+            batch, limits = live, [lim for w, lim in zip(batch, limits, strict=True) if w in live]
+        kwargs: dict[str, Any] = {"max_new_tokens": max(limits), "do_sample": params.do_sample}
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k)
@@ -152,13 +216,18 @@ class Engine:
                 torch.manual_seed(params.seed)
         if params.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = params.repetition_penalty
-        inputs = work.inputs.to(self.loaded.device)
+        log.info("generate batch=%d rows=%s", len(batch), ",".join(w.job_id[:8] for w in batch))
+        pad_id = self.tokenizer.pad_token_id
+        inputs = collate([w.inputs for w in batch], 0 if pad_id is None else int(pad_id))
+        inputs = {key: value.to(self.loaded.device) for key, value in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
+        if len(batch) > 1 and pad_id is not None:
+            kwargs["pad_token_id"] = int(pad_id)
         with torch.inference_mode():
             self.loaded.model.generate(
                 **inputs, **kwargs,
-                stopping_criteria=stopping(lambda ids: self._step(batch, ids, limit)))
+                stopping_criteria=stopping(lambda ids: self._step(batch, ids, limits)))
         for row in batch:  # generate can also stop on its own (max length): close the rows
             if not row.done:
                 row.finish_reason = "length"
@@ -169,12 +238,12 @@ class Engine:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _step(self, batch: list[Work], input_ids: torch.LongTensor,
-              limit: int) -> torch.BoolTensor:
+              limits: list[int]) -> torch.BoolTensor:
         """After each decode step: extend each row's text, decide who is done, publish."""
         last = input_ids[:, -1].tolist()
         now = time.time()
         rows, finished = [], []
-        for row, token in zip(batch, last, strict=True):
+        for row, token, limit in zip(batch, last, limits, strict=True):
             if row.done:
                 continue
             assert row.assembler is not None

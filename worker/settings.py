@@ -46,6 +46,8 @@ class WorkerSettings(BaseSettings):
     max_generate_s: float = Field(600.0, gt=0)
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0)
+    max_batch_tokens: int = Field(65_536, ge=16)  # rows x longest prompt
+    max_batch_pixels: int = Field(64_000_000, ge=1024)  # image pixels in one batch
 
     # ledger and reliability
     retention_s: int = Field(86_400, ge=60)

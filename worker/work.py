@@ -21,7 +21,7 @@ class Outcome:
     timings: Timings
 
 
-@dataclass
+@dataclass(eq=False)
 class Work:
     """A claimed job travelling through the engine. Owned by one thread at a time, except
     ``cancel`` (set by the publisher) and ``future`` (resolved by the publisher)."""
@@ -39,12 +39,21 @@ class Work:
     # filled by the engine
     inputs: Any = None
     prompt_tokens: int = 0
+    pixels: int = 0
     fetch_ms: float = 0.0
     preprocess_ms: float = 0.0
     gen_started: float = 0.0
     assembler: TextAssembler | None = None
     tokens: int = 0
     finish_reason: FinishReason | None = None
+
+    def reset_for_retry(self) -> None:
+        """Start generating again (after an out-of-memory split), without re-sending text."""
+        if self.assembler is not None:
+            self.already_sent = self.assembler.sent
+        self.assembler = None
+        self.tokens = 0
+        self.finish_reason = None
 
     @property
     def done(self) -> bool:

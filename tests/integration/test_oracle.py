@@ -60,3 +60,45 @@ def assert_complete_stream(events: list[Any], text: str) -> None:
     assert [event.terminal for event in events] == [False] * (len(events) - 1) + [True]
     assert "".join(event.delta for event in events) == text
     assert events[-1].type == "done" and events[-1].usage is not None
+
+
+def mixed_jobs(url: Any) -> list[tuple[list[dict[str, Any]], int]]:
+    """Eight requests of mixed prompts, image counts (0-3) and image sizes, with their lengths."""
+    def user(*parts: Any) -> dict[str, Any]:
+        return {"role": "user", "content": list(parts)}
+
+    def img(path: str) -> dict[str, str]:
+        return {"type": "image", "image": url(path)}
+
+    def txt(text: str) -> dict[str, str]:
+        return {"type": "text", "text": text}
+
+    return [
+        ([user(img("/cats.png"), txt("What do we see in this image?"))], 20),
+        ([user(img("/big.png"), img("/tall.jpg"), txt("Compare these two pictures, please."))], 12),
+        ([user(txt("Tell me a short story about a bee in a garden full of flowers."))], 16),
+        ([user(img("/wide.png"), img("/bee.jpg"), img("/cats.png"), txt("Three images?"))], 24),
+        ([user(img("/tall.jpg"), txt("Caption."))], 8),
+        (flows(url)["multi_turn"], 20),
+        ([user(img("/bee.jpg"), txt("Is there a bee? Answer in one long sentence please."))], 18),
+        ([user(img("/big.png"), txt("Describe the colours."))], 10),
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_concurrent_mixed_jobs_match_their_oracle(arch: str, producer: Any, workers: Any,
+                                                  image_server: Any,
+                                                  tiny_paths: dict[str, str]) -> None:
+    """Eight concurrent jobs are batched, and each answer equals the one it gets alone."""
+    served = {image_server.url(path): body for path, (_s, body, _c) in image_server.files.items()}
+    log_before = len(workers[arch].log())
+    jobs = [(producer.submit(messages, model=f"tiny-{arch}", max_new_tokens=n), messages, n)
+            for messages, n in mixed_jobs(image_server.url)]
+    for job_id, messages, n in jobs:
+        result = producer.result(job_id, timeout=120)
+        expected = oracle_text(tiny_paths[arch], with_images(messages, served), max_new_tokens=n)
+        assert result.text == expected, f"{arch}: job of {n} tokens differs from its oracle"
+        assert_complete_stream(list(producer.stream(job_id, timeout=30)), result.text)
+    sizes = [int(line.split("batch=")[1].split()[0])
+             for line in workers[arch].log()[log_before:].splitlines() if "generate batch=" in line]
+    assert max(sizes) > 1, f"{arch}: the eight jobs never shared a batch: {sizes}"
