@@ -141,7 +141,7 @@ class WorkerProcess:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-4000:]}")
-            if " ready." in self.log():
+            if "vlmq-worker: ready" in self.log():
                 return
             time.sleep(0.2)
         raise RuntimeError(f"worker {self.name} not ready in {timeout}s:\n{self.log()[-4000:]}")

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     import redis
+    from celery.signals import worker_ready
 
     from producer.jobs import Ledger
     from producer.keys import TASK_GENERATE
@@ -105,7 +106,12 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
 
     threading.Thread(target=beat, name="vlmq-heartbeat", daemon=True).start()
     queues = queues_for(settings)
-    log.info("worker %s consuming %s", worker_id, ",".join(queues))
+
+    @worker_ready.connect(weak=False)
+    def announce(**_kwargs: Any) -> None:  # printed whatever the log level: scripts wait on it
+        print(f"vlmq-worker: ready: {worker_id} consuming {','.join(queues)}",
+              file=sys.stderr, flush=True)
+
     worker = app.Worker(hostname=worker_id, pool="threads", concurrency=settings.max_batch_size,
                         queues=queues, loglevel=settings.log_level.upper(), quiet=True,
                         without_mingle=True, without_gossip=True)

@@ -262,7 +262,7 @@ class Engine:
                 row.finish_reason = reason  # type: ignore[assignment]
                 delta += row.assembler.finish()
                 finished.append(row)
-            rows.append((row, row.event("delta", delta)))
+            rows.append((row, row.event("delta", delta if self.settings.stream_events else "")))
         self.publisher.send(rows, finished)
         done = [row.done for row in batch]
         mask = torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -46,6 +46,7 @@ class WorkerSettings(BaseSettings):
     max_generate_s: float = Field(600.0, gt=0)
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0)
+    stream_events: bool = True  # off: no per-step events (cancel checks go on); benchmarks
     max_batch_tokens: int = Field(65_536, ge=16)  # rows x longest prompt
     max_batch_pixels: int = Field(64_000_000, ge=1024)  # image pixels in one batch
 
@@ -80,7 +81,18 @@ class WorkerSettings(BaseSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
 
-    # logs
+    # results: Redis (in the record) or s3://{bucket}/{prefix}/{job_id}.json (worker/results.py)
+    result_store: Literal["redis", "s3"] = "redis"  # default for requests that say "redis"
+    s3_result_bucket: str | None = None
+    s3_result_prefix: str = "vlmq/results"
+    s3_result_over_bytes: int = Field(0, ge=0)  # results larger than this go to S3; 0: never
+    s3_result_attempts: int = Field(4, ge=1, le=20)
+    s3_result_backoff_s: float = Field(0.5, ge=0)  # doubled after each failed attempt
+
+    # operations: metrics endpoint, health file, logs
+    metrics_port: int = Field(9464, ge=0, le=65535)  # 0: no metrics endpoint
+    metrics_addr: str = "0.0.0.0"
+    health_file: str = "/tmp/vlmq-worker-health.json"
     log_level: str = "INFO"
     log_format: Literal["plain", "json"] = "plain"
 
