@@ -16,7 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from producer import keys, scripts
-from producer.client import build_request, make_celery, parse_event
+from producer.client import broker_queue, build_request, make_celery, parse_event
 from producer.errors import JobFailed, JobNotFound, JobTimeout
 from producer.jobs import DEFAULT_RETENTION_S, DEFAULT_STREAM_MAXLEN, new_record, parse_result
 from producer.jobs import parse_state as _parse_state
@@ -33,7 +33,8 @@ class AsyncProducer:
         self.redis = aioredis.Redis.from_url(redis_url)
         self.limits = limits
         self.retention_s = retention_s
-        self._celery = make_celery(broker_url or redis_url)
+        self.broker_url = broker_url or redis_url
+        self._celery = make_celery(self.broker_url)
         self._create = self.redis.register_script(scripts.CREATE)
         self._cancel = self.redis.register_script(scripts.CANCEL)
 
@@ -60,7 +61,7 @@ class AsyncProducer:
             keys=[keys.job_key(job_id), idem], args=[job_id, repr(now), self.retention_s, *flat])
         if created:
             await asyncio.to_thread(self._celery.send_task, keys.TASK_GENERATE, args=[job_id],
-                                    queue=queue, task_id=job_id)
+                                    queue=broker_queue(queue, self.broker_url), task_id=job_id)
         return _text(found)
 
     async def _raw(self, job_id: str) -> dict[str, str] | None:

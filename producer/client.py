@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from kombu import Exchange, Queue
 from pydantic import ValidationError
 
 from producer import keys
@@ -71,6 +72,14 @@ def make_celery(broker_url: str) -> Celery:
     return app
 
 
+def broker_queue(name: str, broker_url: str) -> Queue:
+    """The queue as producers and workers both declare it: durable quorum queues on RabbitMQ."""
+    if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        return Queue(name, Exchange(name), routing_key=name, durable=True,
+                     queue_arguments={"x-queue-type": "quorum"})
+    return Queue(name, Exchange(name), routing_key=name)
+
+
 def parse_event(fields: dict[Any, Any]) -> StreamEvent:
     data = fields.get(b"data", fields.get("data"))
     return StreamEvent.model_validate_json(data)
@@ -90,7 +99,8 @@ class Producer:
         self.redis = redis.Redis.from_url(redis_url)
         self.ledger = Ledger(self.redis, retention_s=retention_s)
         self.limits = limits
-        self._celery = make_celery(broker_url or redis_url)
+        self.broker_url = broker_url or redis_url
+        self._celery = make_celery(self.broker_url)
 
     def close(self) -> None:
         self.redis.close()
@@ -123,7 +133,8 @@ class Producer:
 
     def enqueue(self, job_id: str, queue: str = keys.DEFAULT_QUEUE) -> None:
         """Send the task message for an existing record (also used to re-send a lost one)."""
-        self._celery.send_task(keys.TASK_GENERATE, args=[job_id], queue=queue, task_id=job_id)
+        self._celery.send_task(keys.TASK_GENERATE, args=[job_id], task_id=job_id,
+                               queue=broker_queue(queue, self.broker_url))
 
     def status(self, job_id: str) -> JobState:
         state = self.ledger.state(job_id)

@@ -52,3 +52,11 @@ class JobFailed(VlmqError):
 
 class JobTimeout(VlmqError, TimeoutError):
     """The job did not finish within the time the caller was willing to wait."""
+
+
+class ResultUnavailable(VlmqError):
+    """The job's result is in S3 and cannot be read (or signed): the message says why."""
+
+
+class NotAllowed(VlmqError):
+    """The job is not in a state that allows this action (e.g. retrying a SUCCEEDED job)."""

@@ -107,6 +107,7 @@ class Ledger:
         self._finish = client.register_script(scripts.FINISH)
         self._release = client.register_script(scripts.RELEASE)
         self._cancel = client.register_script(scripts.CANCEL)
+        self._retry = client.register_script(scripts.RETRY)
 
     @staticmethod
     def _job_keys(job_id: str) -> list[str]:
@@ -189,7 +190,27 @@ class Ledger:
         """Hand a RUNNING job back to QUEUED (for a retry), if the fence still holds."""
         return bool(self._release(keys=[keys.job_key(job_id)], args=[fence, repr(time.time())]))
 
-    def cancel(self, job_id: str) -> str:
+    def cancel(self, job_id: str, *, queued_only: bool = False) -> str:
+        """Cancel a job (see scripts.CANCEL); ``queued_only`` leaves a RUNNING job running."""
         answer = self._cancel(keys=self._job_keys(job_id),
-                              args=[repr(time.time()), self.retention_s, self.stream_maxlen])
+                              args=[repr(time.time()), self.retention_s, self.stream_maxlen,
+                                    "1" if queued_only else "0"])
+        return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+    def retry(self, job_id: str) -> str:
+        """Put a FAILED or EXPIRED job back to QUEUED (same id, attempts from 0, history kept,
+        a fresh deadline when the request has ``ttl_s``). Returns ``queued``, the status of a
+        job that cannot be retried, or ``missing``. The caller then sends its task again."""
+        now = time.time()
+        deadline = ""
+        body = self.request(job_id)
+        if body:
+            try:
+                ttl = json.loads(body).get("ttl_s")
+            except ValueError:
+                ttl = None
+            if isinstance(ttl, int | float):
+                deadline = repr(now + ttl)
+        answer = self._retry(keys=[keys.job_key(job_id), keys.stream_key(job_id)],
+                             args=[repr(now), deadline])
         return answer.decode() if isinstance(answer, bytes) else str(answer)

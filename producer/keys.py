@@ -34,6 +34,21 @@ def idempotency_key(key: str) -> str:
     return f"{PREFIX}:idem:{key}"
 
 
+def worker_key(worker_id: str) -> str:
+    """String holding a live worker's last health report (JSON), with a TTL of three beats."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+WORKER_PATTERN = f"{PREFIX}:worker:*"
+
+
+def is_queue_list(name: str) -> bool:
+    """Whether a broker key is a vlmq queue list: ``vlmq`` or ``vlmq.<model>`` (kombu keeps
+    messages of priority > 0 in a sibling list: the queue name, its separator, the priority)."""
+    base = name.split("\x06\x16", 1)[0]
+    return base == DEFAULT_QUEUE or (base.startswith(f"{DEFAULT_QUEUE}.") and ":" not in base)
+
+
 def queue_for_model(model: str | None) -> str:
     """The Celery queue serving ``model``; ``vlmq`` when no model is named."""
     if not model:

@@ -158,14 +158,16 @@ redis.call('ZADD', 'vlmq:index:queued', ARGV[2], job_id)
 return 1
 """
 
-# KEYS: job, stream, channel. ARGV: now, retention, maxlen.
-# Returns 'cancelled' (was queued), 'requested' (running), the terminal status, or 'missing'.
+# KEYS: job, stream, channel. ARGV: now, retention, maxlen, [queued_only: '1' leaves a RUNNING
+# job alone and answers 'RUNNING']. Returns 'cancelled' (was queued), 'requested' (running),
+# the terminal status, or 'missing'.
 CANCEL = (
     _COMMON
     + r"""
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if terminal(status) then return status end
+if ARGV[4] == '1' and status == 'RUNNING' then return status end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 if status == 'RUNNING' then return 'requested' end
 local job_id = redis.call('HGET', KEYS[1], 'id')
@@ -175,3 +177,33 @@ emit(KEYS[2], KEYS[3], job_id, 'cancelled', ARGV[1], {finish_reason = 'cancelled
 return 'cancelled'
 """
 )
+
+# KEYS: job, stream. ARGV: now, new deadline_at ('' = none).
+# A FAILED or EXPIRED job goes back to QUEUED with the same id: attempts start again from 0, the
+# attempt history (``:attempts``) is kept and gets a retry entry, the old stream is dropped (the
+# new attempt streams from seq 0), error/result/finish fields are cleared, expiry is removed.
+# Returns 'queued', the status of a job that cannot be retried, or 'missing'.
+RETRY = r"""
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status ~= 'FAILED' and status ~= 'EXPIRED' then return status end
+local now = tonumber(ARGV[1])
+local job_id = redis.call('HGET', KEYS[1], 'id')
+local retries = redis.call('HINCRBY', KEYS[1], 'retries', 1)
+local entry = {retry = retries, at = now, previous_status = status,
+  previous_attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
+local err = redis.call('HGET', KEYS[1], 'error')
+if err then entry['error'] = cjson.decode(err) end
+redis.call('RPUSH', KEYS[1] .. ':attempts', cjson.encode(entry))
+redis.call('PERSIST', KEYS[1] .. ':attempts')
+redis.call('HDEL', KEYS[1], 'error', 'result', 'result_uri', 'finish_reason', 'finished_at',
+  'started_at', 'worker', 'lease_until', 'cancel', 'deadline_at')
+redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'attempts', 0, 'tokens', 0, 'sent_at', ARGV[1],
+  'retried_at', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'deadline_at', ARGV[2]) end
+redis.call('PERSIST', KEYS[1])
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', 'vlmq:index:done', job_id)
+redis.call('ZADD', 'vlmq:index:queued', now, job_id)
+return 'queued'
+"""

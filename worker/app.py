@@ -10,15 +10,36 @@ from __future__ import annotations
 from celery import Celery
 
 from producer import keys
+from producer.client import broker_queue
 from worker.settings import WorkerSettings
 
-VISIBILITY_MARGIN_S = 300
+VISIBILITY_MARGIN_S = 300  # beyond the longest generation: fetching, preprocessing, commit
+
+
+def visibility_timeout(settings: WorkerSettings) -> float:
+    return settings.visibility_timeout_s or settings.max_generate_s + VISIBILITY_MARGIN_S
+
+
+def check_config(settings: WorkerSettings) -> list[str]:
+    """Reasons the Celery/ledger settings are inconsistent (empty when they are sound)."""
+    problems = []
+    longest = settings.max_generate_s + settings.fetch_total_timeout_s
+    if visibility_timeout(settings) <= longest + 60:
+        problems.append(
+            f"visibility timeout {visibility_timeout(settings):.0f}s must exceed the longest job "
+            f"(max_generate_s {settings.max_generate_s:.0f}s + fetch timeout "
+            f"{settings.fetch_total_timeout_s:.0f}s) plus 60s, or Redis delivers running jobs "
+            "again")
+    if settings.lease_s < 3 * 0.2:
+        problems.append("lease_s must be at least 0.6s (it is renewed every lease_s / 3)")
+    if settings.requeue_grace_s < settings.lease_s:
+        problems.append("requeue_grace_s must be at least lease_s")
+    return problems
 
 
 def create_app(settings: WorkerSettings) -> Celery:
     app = Celery("vlmq-worker", broker=settings.broker(), set_as_current=True)
-    visibility = int(settings.max_generate_s + VISIBILITY_MARGIN_S)
-    transport = {"visibility_timeout": visibility}
+    transport = {"visibility_timeout": int(visibility_timeout(settings))}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -38,8 +59,12 @@ def create_app(settings: WorkerSettings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_time_limit=None,
+        worker_soft_shutdown_timeout=settings.soft_shutdown_s,
+        worker_enable_soft_shutdown_on_idle=True,
+        task_queues=[broker_queue(name, settings.broker()) for name in queues_for(settings)],
     )
     return app
+
 
 
 def queues_for(settings: WorkerSettings) -> list[str]:

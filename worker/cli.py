@@ -1,4 +1,7 @@
-"""`vlmq-worker`: load one model, then serve jobs from its queues (also ``python -m worker``)."""
+"""`vlmq-worker`: load one model, then serve jobs from its queues (also ``python -m worker``).
+
+``vlmq-worker health [--max-age S]`` answers (exit 0/1) whether the worker on this host is
+consuming, from the health file its heartbeat writes (``worker/health.py``)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="vlmq-worker",
         description="Serve vlmq jobs with one loaded vision-language model. Every option can "
                     "also be set in the environment as VLMQ_<NAME> (e.g. VLMQ_MODEL).")
+    parser.add_argument("command", nargs="?", choices=["serve", "health"], default="serve",
+                        help="serve (default): load the model and serve jobs; health: exit 0 "
+                             "if the worker writing VLMQ_HEALTH_FILE is consuming, else 1")
+    parser.add_argument("--max-age", type=float, default=None, metavar="S",
+                        help="health: oldest acceptable heartbeat in seconds (default: three "
+                             "heartbeat intervals, at least 30)")
     parser.add_argument("--model", help=f"hub id or local path (default {DEFAULT_MODEL})")
     parser.add_argument("--device", help="auto | cpu | cuda:N (default auto)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"],
@@ -44,9 +53,23 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "health":
+        from worker.health import check
+
+        healthy, report = check(settings.health_file, args.max_age)
+        print(json.dumps({"healthy": healthy, **report}))
+        return 0 if healthy else 1
+    from worker.logs import setup
+
+    setup(settings)
     log = logging.getLogger("vlmq.worker")
+    from worker.app import check_config
+
+    problems = check_config(settings)
+    for problem in problems:
+        print(f"vlmq-worker: cannot start: inconsistent settings: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     from worker.model import StartupError, load  # heavy: torch + transformers
 
     try:
@@ -69,54 +92,87 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     import redis
-    from celery.signals import worker_ready
+    from celery.signals import worker_ready, worker_shutting_down
 
+    from producer.client import broker_queue
     from producer.jobs import Ledger
     from producer.keys import TASK_GENERATE
     from worker.app import create_app, queues_for
     from worker.engine import Engine
+    from worker.health import HealthReporter
     from worker.media import MediaLoader
+    from worker.metrics import Metrics
     from worker.publisher import Publisher
     from worker.reconciler import Reconciler
+    from worker.results import ResultStore
     from worker.tasks import Runtime, register
+
+    if settings.result_store == "s3" and not settings.s3_result_bucket:
+        print("vlmq-worker: cannot start: VLMQ_RESULT_STORE=s3 needs VLMQ_S3_RESULT_BUCKET",
+              file=sys.stderr)
+        return 2
 
     worker_id = settings.hostname or f"vlmq@{socket.gethostname()}:{os.getpid()}"
     client = redis.Redis.from_url(settings.redis_url)
     ledger = Ledger(client, retention_s=settings.retention_s, stream_maxlen=settings.stream_maxlen)
-    engine = Engine(loaded, settings, MediaLoader(settings), Publisher(ledger))
-    runtime = Runtime(settings=settings, ledger=ledger, engine=engine, worker_id=worker_id)
+    media = MediaLoader(settings)
+    engine = Engine(loaded, settings, media, Publisher(ledger))
+    metrics = Metrics()
+    runtime = Runtime(settings=settings, ledger=ledger, engine=engine, worker_id=worker_id,
+                      results=ResultStore(settings), metrics=metrics)
+    metrics.bind(loaded, media, lambda: len(runtime.active))
+    metrics.serve(settings.metrics_port, settings.metrics_addr)
+    log.info("worker %s: ledger %s, broker %s", worker_id, settings.redis_url, settings.broker())
     app = create_app(settings)
     register(app, runtime)
     broker_redis = (redis.Redis.from_url(settings.broker())
                     if settings.broker().startswith(("redis://", "rediss://", "unix://")) else None)
     reconciler = Reconciler(
-        ledger, lambda job_id, queue: app.send_task(TASK_GENERATE, args=[job_id], queue=queue,
-                                                    task_id=job_id),
+        ledger, lambda job_id, queue: app.send_task(
+            TASK_GENERATE, args=[job_id], task_id=job_id,
+            queue=broker_queue(queue, settings.broker())),
         worker_id=worker_id, interval_s=settings.reconcile_interval_s,
         grace_s=settings.requeue_grace_s, broker=broker_redis)
     stop = threading.Event()
+    queues = queues_for(settings)
+    interval = min(settings.lease_s / 3, settings.reconcile_interval_s)
+    celery_worker: dict[str, Any] = {}
+    health = HealthReporter(
+        path=settings.health_file, worker_id=worker_id, model=settings.served_model(),
+        queues=queues, interval_s=interval, redis=client, broker=broker_redis,
+        consumer=lambda: getattr(celery_worker.get("w"), "consumer", None))
+    health.report()
 
     def beat() -> None:
-        while not stop.wait(min(settings.lease_s / 3, settings.reconcile_interval_s)):
+        while not stop.wait(interval):
             try:
                 runtime.heartbeat_once()
                 reconciler.maybe_sweep()
             except Exception:
                 log.warning("heartbeat or sweep failed", exc_info=True)
+            health.report()
 
     threading.Thread(target=beat, name="vlmq-heartbeat", daemon=True).start()
-    queues = queues_for(settings)
+
+    @worker_shutting_down.connect(weak=False)
+    def shutting_down(**_kwargs: Any) -> None:
+        health.stopping = True
 
     @worker_ready.connect(weak=False)
     def announce(**_kwargs: Any) -> None:  # printed whatever the log level: scripts wait on it
         print(f"vlmq-worker: ready: {worker_id} consuming {','.join(queues)}",
               file=sys.stderr, flush=True)
+        health.ready = True
+        health.report()
 
     worker = app.Worker(hostname=worker_id, pool="threads", concurrency=settings.max_batch_size,
                         queues=queues, loglevel=settings.log_level.upper(), quiet=True,
                         without_mingle=True, without_gossip=True)
+    celery_worker["w"] = worker
     worker.start()
     stop.set()
+    health.stopping = True
+    health.report()
     engine.close()
     return int(worker.exitcode or 0)
 

@@ -55,6 +55,8 @@ class WorkerSettings(BaseSettings):
     lease_s: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     stream_maxlen: int = Field(10_000, ge=100)
+    visibility_timeout_s: float | None = Field(None, gt=0)  # default: max_generate_s + 300
+    soft_shutdown_s: float = Field(10.0, ge=0)  # on SIGTERM, time for jobs in hand to finish
     reconcile_interval_s: float = Field(10.0, gt=0)
     requeue_grace_s: float = Field(60.0, gt=0)
 
