@@ -94,7 +94,8 @@ class Baseline:
         self.torch = torch
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.processor.tokenizer.padding_side = "left"
-        self.model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            model_path, dtype=torch.float32).eval()  # as the worker loads it on CPU
 
     def conversation(self, request: dict[str, Any], images: ImageServer) -> list[dict[str, Any]]:
         from PIL import Image
@@ -117,7 +118,7 @@ class Baseline:
         """One generate for all the conversations given (one = the seeds' sequential way)."""
         inputs = self.processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-            return_tensors="pt", padding=len(conversations) > 1)
+            return_tensors="pt", processor_kwargs={"padding": len(conversations) > 1})
         input_len = inputs["input_ids"].shape[1]
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

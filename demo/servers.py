@@ -118,8 +118,10 @@ class WorkerProcess:
     """A real ``python -m worker`` process with its own log file."""
 
     def __init__(self, model: str, redis_url: str, *, name: str, image_port: int | None = None,
-                 env: dict[str, str] | None = None, log_dir: str | None = None) -> None:
-        self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="vlmq-worker-")) / f"{name}.log"
+                 env: dict[str, str] | None = None, log_dir: str | None = None,
+                 log_name: str | None = None) -> None:
+        self.log_path = (Path(log_dir or tempfile.mkdtemp(prefix="vlmq-worker-"))
+                         / f"{log_name or name}.log")
         full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                         VLMQ_MODEL=model, VLMQ_MODEL_NAME=name, VLMQ_REDIS_URL=redis_url,
                         VLMQ_DEVICE="cpu", VLMQ_QUEUE=f"q-{name}", VLMQ_LEASE_S="10",
@@ -127,7 +129,13 @@ class WorkerProcess:
         if image_port is not None:
             full_env.update(VLMQ_ALLOW_PRIVATE_ADDRESSES="true",
                             VLMQ_ALLOWED_PORTS=f"80,443,{image_port}")
+        # each worker its own metrics port and health file (several share this host)
+        full_env.update(VLMQ_METRICS_PORT=str(free_port()), VLMQ_METRICS_ADDR="127.0.0.1",
+                        VLMQ_HEALTH_FILE=str(self.log_path.with_suffix(".health.json")))
         full_env.update(env or {})
+        self.metrics_port = int(full_env["VLMQ_METRICS_PORT"])
+        self.health_file = full_env["VLMQ_HEALTH_FILE"]
+        self.env = full_env
         self.name = name
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=full_env,

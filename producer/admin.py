@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import redis
 from celery import Celery
+from redis import Redis
 
 from producer import keys
 from producer.errors import JobNotFound, NotAllowed
@@ -48,7 +48,7 @@ def _task_id(payload: bytes) -> str | None:
 
 class AdminMixin:
     ledger: Ledger
-    redis: redis.Redis
+    redis: Redis
     broker_url: str
     _celery: Celery
 
@@ -60,12 +60,12 @@ class AdminMixin:
 
     # -- broker ----------------------------------------------------------------------------
 
-    def _broker_redis(self) -> redis.Redis | None:
+    def _broker_redis(self) -> Redis | None:
         if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             return None
         cached = getattr(self, "_broker_client", None)
         if cached is None:
-            cached = redis.Redis.from_url(self.broker_url)
+            cached = Redis.from_url(self.broker_url)
             self._broker_client = cached
         return cached
 

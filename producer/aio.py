@@ -20,6 +20,7 @@ from producer.client import broker_queue, build_request, make_celery, parse_even
 from producer.errors import JobFailed, JobNotFound, JobTimeout
 from producer.jobs import DEFAULT_RETENTION_S, DEFAULT_STREAM_MAXLEN, new_record, parse_result
 from producer.jobs import parse_state as _parse_state
+from producer.s3 import ResultReader, S3Config
 from producer.schema import DEFAULT_LIMITS, JobRequest, JobResult, JobState, JobStatus, Limits
 
 
@@ -29,8 +30,10 @@ def _text(value: Any) -> str:
 
 class AsyncProducer:
     def __init__(self, redis_url: str = keys.DEFAULT_REDIS_URL, *, broker_url: str | None = None,
-                 limits: Limits = DEFAULT_LIMITS, retention_s: int = DEFAULT_RETENTION_S) -> None:
+                 limits: Limits = DEFAULT_LIMITS, retention_s: int = DEFAULT_RETENTION_S,
+                 s3: S3Config | None = None) -> None:
         self.redis = aioredis.Redis.from_url(redis_url)
+        self._s3 = ResultReader(s3 or S3Config())
         self.limits = limits
         self.retention_s = retention_s
         self.broker_url = broker_url or redis_url
@@ -84,6 +87,8 @@ class AsyncProducer:
         raw = await self._raw(job_id) or {}
         state = _parse_state(raw)
         found = parse_result(raw)
+        if found is None and state.result_uri and state.status != JobStatus.FAILED:
+            found = await asyncio.to_thread(self._s3.read, state.result_uri)
         if found is None or state.status == JobStatus.FAILED:
             raise JobFailed(state)
         return found

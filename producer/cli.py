@@ -10,9 +10,17 @@ from typing import Any
 
 import redis
 
-from producer import keys
+from producer import admin_cli, keys
 from producer.client import Producer
-from producer.errors import InvalidRequestError, JobFailed, JobNotFound, JobTimeout
+from producer.errors import (
+    InvalidRequestError,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    NotAllowed,
+    ResultUnavailable,
+)
+from producer.s3 import S3Config
 from producer.schema import request_json_schema
 
 
@@ -22,7 +30,11 @@ def _print(obj: Any) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vlmq", description="Submit vision-language jobs to vlmq workers and read results.")
+        prog="vlmq", description="Submit vision-language jobs to vlmq workers and read results.",
+        epilog="Results stored in S3 are read with VLMQ_S3_ENDPOINT_URL, VLMQ_S3_REGION, "
+               "VLMQ_S3_ACCESS_KEY_ID, VLMQ_S3_SECRET_ACCESS_KEY (else the AWS chain). Exit "
+               "codes: 2 invalid request, 3 unknown job or timeout, 4 job failed, 5 Redis "
+               "unreachable, 6 not allowed in the job's status, 7 result store unreadable.")
     parser.add_argument("--redis-url", default=None,
                         help=f"ledger Redis (env VLMQ_REDIS_URL, default {keys.DEFAULT_REDIS_URL})")
     parser.add_argument("--broker-url", default=None,
@@ -61,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--json", action="store_true", help="print each event as JSON")
     stream.add_argument("--timeout", type=float, default=600.0)
     sub.add_parser("schema", help="print the JSON Schema of the wire contract")
+    admin_cli.add_parsers(sub)
     return parser
 
 
@@ -111,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     redis_url = args.redis_url or os.environ.get("VLMQ_REDIS_URL", keys.DEFAULT_REDIS_URL)
     broker_url = args.broker_url or os.environ.get("VLMQ_BROKER_URL")
+    s3 = S3Config.from_env(os.environ)  # only used for results stored in S3
     try:
-        with Producer(redis_url, broker_url=broker_url) as producer:
+        with Producer(redis_url, broker_url=broker_url, s3=s3) as producer:
             if args.command == "submit":
                 return _submit(producer, args)
+            if args.command in admin_cli.COMMANDS:
+                return admin_cli.run(producer, args)
             if args.command == "status":
                 _print(producer.status(args.job_id).model_dump(mode="json"))
             elif args.command == "result":
@@ -134,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         _print(error.state.model_dump(mode="json"))
         print(f"vlmq: {error}", file=sys.stderr)
         return 4
+    except NotAllowed as error:
+        print(f"vlmq: {error}", file=sys.stderr)
+        return 6
+    except ResultUnavailable as error:
+        print(f"vlmq: {error}", file=sys.stderr)
+        return 7
     except (OSError, redis.exceptions.ConnectionError) as error:
         print(f"vlmq: cannot reach Redis/broker: {error}", file=sys.stderr)
         return 5

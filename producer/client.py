@@ -12,14 +12,21 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import redis
 from celery import Celery
 from kombu import Exchange, Queue
 from pydantic import ValidationError
 
 from producer import keys
-from producer.errors import InvalidRequestError, JobFailed, JobNotFound, JobTimeout
-from producer.jobs import DEFAULT_RETENTION_S, Ledger, parse_result
+from producer.admin import AdminMixin
+from producer.errors import (
+    InvalidRequestError,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    ResultUnavailable,
+)
+from producer.jobs import DEFAULT_RETENTION_S, Ledger, connect, parse_result
+from producer.s3 import ResultReader, S3Config
 from producer.schema import (
     DEFAULT_LIMITS,
     JobRequest,
@@ -85,8 +92,10 @@ def parse_event(fields: dict[Any, Any]) -> StreamEvent:
     return StreamEvent.model_validate_json(data)
 
 
-class Producer:
-    """Blocking producer. ``redis_url`` holds the ledger and streams; the broker defaults to it."""
+class Producer(AdminMixin):
+    """Blocking producer. ``redis_url`` holds the ledger and streams; the broker defaults to it.
+    ``s3`` (endpoint, region, credentials) is used only for results stored in S3; unset, boto3's
+    standard AWS chain applies. Admin views and actions come from ``producer.admin``."""
 
     def __init__(
         self,
@@ -95,12 +104,14 @@ class Producer:
         broker_url: str | None = None,
         limits: Limits = DEFAULT_LIMITS,
         retention_s: int = DEFAULT_RETENTION_S,
+        s3: S3Config | None = None,
     ) -> None:
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = connect(redis_url)
         self.ledger = Ledger(self.redis, retention_s=retention_s)
         self.limits = limits
         self.broker_url = broker_url or redis_url
         self._celery = make_celery(self.broker_url)
+        self._s3 = ResultReader(s3 or S3Config())
 
     def close(self) -> None:
         self.redis.close()
@@ -165,9 +176,19 @@ class Producer:
         state = self.wait(job_id, timeout)
         raw = self.ledger.raw(job_id) or {}
         found = parse_result(raw)
+        if found is None and state.result_uri and state.status != JobStatus.FAILED:
+            found = self._s3.read(state.result_uri)  # ResultUnavailable if it cannot
         if found is None or state.status == JobStatus.FAILED:
             raise JobFailed(state)
         return found
+
+    def result_url(self, job_id: str, expires_s: int = 3600) -> str:
+        """A presigned HTTPS URL of the job's result object, valid ``expires_s`` seconds.
+        Raises ResultUnavailable when the result is not in S3 (kept in Redis, or none yet)."""
+        state = self.status(job_id)
+        if not state.result_uri:
+            raise ResultUnavailable(f"job {job_id} ({state.status}) has no result in S3")
+        return self._s3.presign(state.result_uri, expires_s)
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job. Returns ``cancelled`` (it was queued: it will never run),

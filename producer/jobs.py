@@ -25,6 +25,16 @@ DEFAULT_RETENTION_S = 86_400
 DEFAULT_STREAM_MAXLEN = 10_000
 
 
+def connect(url: str) -> redis.Redis:
+    """A Redis client that retries a dropped connection with backoff (about 3 s in all)."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError], health_check_interval=30)
+
+
 def new_record(job_id: str, request: JobRequest, queue: str, now: float) -> dict[str, str]:
     """The hash fields of a freshly accepted job (status QUEUED)."""
     fields = {

@@ -82,7 +82,8 @@ class ResultReader:
         try:
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as error:  # botocore's errors: not importable without boto3
-            raise ResultUnavailable(f"cannot read the result at {uri}: {_describe(error)}") from None
+            raise ResultUnavailable(
+                f"cannot read the result at {uri}: {_describe(error)}") from None
         return JobResult.model_validate_json(body)
 
     def presign(self, uri: str, expires_s: int) -> str:

@@ -118,9 +118,11 @@ return 0
 
 # KEYS: job, stream, channel. ARGV: fence, seq, data ('' = none), maxlen, tokens.
 # Returns 0 if the fence is stale (the job is no longer ours), 2 if cancel was asked, else 1.
-APPEND = r"""
+# Safe to send again after a lost connection: an event whose seq is already there is skipped.
+APPEND = _COMMON + r"""
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
-if ARGV[3] ~= '' then
+-- idempotent: a retried append whose event is already in the stream adds nothing
+if ARGV[3] ~= '' and next_seq(KEYS[2]) == tonumber(ARGV[2]) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'seq', ARGV[2], 'data', ARGV[3])
   redis.call('PUBLISH', KEYS[3], ARGV[3])
 end
@@ -151,7 +153,8 @@ RELEASE = r"""
 if redis.call('HGET', KEYS[1], 'status') ~= 'RUNNING' then return 0 end
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
 local job_id = redis.call('HGET', KEYS[1], 'id')
-redis.call('HSET', KEYS[1], 'status', 'QUEUED')
+redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'sent_at', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)  -- handed back: not a failed attempt
 redis.call('HDEL', KEYS[1], 'lease_until')
 redis.call('ZREM', 'vlmq:index:running', job_id)
 redis.call('ZADD', 'vlmq:index:queued', ARGV[2], job_id)

@@ -1,13 +1,19 @@
-"""`vlmq-worker --check`: one tiny generation with the loaded model, timed."""
+"""`vlmq-worker --check`: one tiny generation with the loaded model, timed.
+
+The report adds tokens/s, the process RSS and, on CUDA, the allocated / reserved GPU memory after
+the generation to what ``LoadedModel.describe`` says (device, dtype, attention, quantization,
+weight memory, load time)."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import torch
 from PIL import Image
 
+from worker.memory import MB, gpu_memory, rss_bytes
 from worker.model import LoadedModel
 
 CHECK_TOKENS = 16
@@ -30,7 +36,8 @@ def smoke_generate(loaded: LoadedModel) -> dict[str, Any]:
     new = int(out.shape[1] - inputs["input_ids"].shape[1])
     report: dict[str, Any] = {"check_tokens": new,
                               "tokens_per_s": round(new / seconds, 1) if seconds else None}
-    if loaded.device.type == "cuda":
-        report["gpu_allocated_mb"] = round(torch.cuda.memory_allocated(loaded.device) / 2**20, 1)
-        report["gpu_reserved_mb"] = round(torch.cuda.memory_reserved(loaded.device) / 2**20, 1)
+    report["rss_mb"] = round(rss_bytes() / MB, 1)
+    report["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if loaded.device.type == "cuda":  # after the generation: what serving will hold
+        report |= gpu_memory(loaded.device.index or 0)
     return report

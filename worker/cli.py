@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -32,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto | cpu | cuda:N (default auto)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"],
                         help="default auto: bfloat16 on GPUs that support it, float32 on CPU")
+    parser.add_argument("--quantize", choices=["none", "int8", "int8-bnb", "nf4-bnb"],
+                        help="weights: none (default), int8 (optimum-quanto), int8-bnb / "
+                             "nf4-bnb (bitsandbytes 8-bit / 4-bit NF4)")
+    parser.add_argument("--attn", choices=["auto", "flash_attention_2", "sdpa", "eager"],
+                        help="attention (default auto: flash_attention_2 where it can run, "
+                             "else sdpa)")
+    parser.add_argument("--gpus", help="0,1,... or all: supervise one worker process per GPU, "
+                                       "each pinned with CUDA_VISIBLE_DEVICES")
     parser.add_argument("--queue", help="queue to consume besides the model's own (default vlmq)")
     parser.add_argument("--redis-url", help="ledger Redis (default redis://localhost:6379/0)")
     parser.add_argument("--broker-url", help="Celery broker, if not the ledger Redis")
@@ -45,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> WorkerSettings:
     names = ("model", "device", "dtype", "queue", "redis_url", "broker_url", "max_batch_size",
-             "hostname", "log_level")
+             "hostname", "log_level", "quantize", "attn", "gpus")
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     return WorkerSettings(**overrides)
 
@@ -70,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmq-worker: cannot start: inconsistent settings: {problem}", file=sys.stderr)
     if problems:
         return 2
+    if settings.gpus:  # one child process per GPU; the supervisor never imports torch
+        from worker.supervisor import supervise
+
+        return supervise(settings, sys.argv[1:] if argv is None else argv, check=args.check)
     from worker.model import StartupError, load  # heavy: torch + transformers
 
     try:
@@ -86,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vlmq-worker: loaded, but cannot generate: {error}", file=sys.stderr)
             return 3
         print(json.dumps(report, indent=2))
+        from worker.memory import over_watermark
+
+        over = over_watermark(settings)
+        if over:
+            print(f"vlmq-worker: loaded, but would recycle at once: {over}", file=sys.stderr)
+            return 4
         return 0
     return serve(settings, loaded, log)
 
@@ -95,7 +114,7 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     from celery.signals import worker_ready, worker_shutting_down
 
     from producer.client import broker_queue
-    from producer.jobs import Ledger
+    from producer.jobs import Ledger, connect
     from producer.keys import TASK_GENERATE
     from worker.app import create_app, queues_for
     from worker.engine import Engine
@@ -113,7 +132,7 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
         return 2
 
     worker_id = settings.hostname or f"vlmq@{socket.gethostname()}:{os.getpid()}"
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect(settings.redis_url)
     ledger = Ledger(client, retention_s=settings.retention_s, stream_maxlen=settings.stream_maxlen)
     media = MediaLoader(settings)
     engine = Engine(loaded, settings, media, Publisher(ledger))
@@ -133,6 +152,7 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
             queue=broker_queue(queue, settings.broker())),
         worker_id=worker_id, interval_s=settings.reconcile_interval_s,
         grace_s=settings.requeue_grace_s, broker=broker_redis)
+    runtime.resend = reconciler.send
     stop = threading.Event()
     queues = queues_for(settings)
     interval = min(settings.lease_s / 3, settings.reconcile_interval_s)
@@ -143,6 +163,10 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
         consumer=lambda: getattr(celery_worker.get("w"), "consumer", None))
     health.report()
 
+    from worker.memory import RECYCLE_EXIT, over_watermark
+
+    recycled: list[str] = []
+
     def beat() -> None:
         while not stop.wait(interval):
             try:
@@ -151,12 +175,18 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
             except Exception:
                 log.warning("heartbeat or sweep failed", exc_info=True)
             health.report()
+            over = None if recycled or not health.ready else over_watermark(settings)
+            if over:  # warm shutdown: jobs in hand are handed back, a fresh process follows
+                log.warning("recycling this worker: %s", over)
+                recycled.append(over)
+                os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=beat, name="vlmq-heartbeat", daemon=True).start()
 
     @worker_shutting_down.connect(weak=False)
     def shutting_down(**_kwargs: Any) -> None:
         health.stopping = True
+        runtime.drain()  # SIGTERM: hand the jobs in hand back at their next step
 
     @worker_ready.connect(weak=False)
     def announce(**_kwargs: Any) -> None:  # printed whatever the log level: scripts wait on it
@@ -174,7 +204,7 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     health.stopping = True
     health.report()
     engine.close()
-    return int(worker.exitcode or 0)
+    return RECYCLE_EXIT if recycled else int(worker.exitcode or 0)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ class Engine:
             started = time.perf_counter()
             images = self.media.load_all(
                 work.request.image_sources(), max_pixels=work.request.max_pixels,
-                deadline=time.monotonic() + max(0.0, work.deadline - time.time()))
+                deadline=time.monotonic() + max(0.0, min(work.deadline - time.time(),
+                                                          self.settings.fetch_total_timeout_s)))
             work.fetch_ms = (time.perf_counter() - started) * 1000
             work.pixels = sum(image.width * image.height for image in images)
             started = time.perf_counter()

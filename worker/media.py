@@ -1,78 +1,360 @@
-"""Image loading (interim): http(s) with timeouts and a byte cap, data: URIs, Pillow decode."""
+"""Image sources to RGB images: fetch (http(s), s3://, data:), decode hostile bytes safely, cache.
+
+The one module that imports PIL. Decoding only ever tries JPEG, PNG, WEBP and GIF; the pixel count
+is checked from the header before any pixel is decoded; animated images give their first frame
+only; EXIF orientation is applied; transparency is composited onto white; the result is RGB.
+
+Pillow's global state is left alone: ``Image.MAX_IMAGE_PIXELS`` keeps its default (so Pillow's
+own bomb check, about 89 M pixels, still applies above ``max_image_pixels``), and
+``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False. ``Image.DecompressionBombWarning`` is turned into
+an error around ``Image.open`` with ``warnings.catch_warnings`` under a module lock (the warnings
+filter list is process-wide; the lock keeps this module's own threads from interleaving).
+
+Images returned by ``MediaLoader`` are new objects owned by the caller (copies or resized
+versions of the cached ones), so one job cannot change another's image.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import io
+import logging
+import random
+import re
+import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from collections import OrderedDict
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
+from urllib.parse import urlsplit
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.errors import (
-    ImageFetchFailed,
     ImageFetchTimeout,
     ImageInvalid,
-    ImageNotFound,
     ImageTooLarge,
     ImageUnsupportedFormat,
     ImageUrlForbidden,
+    JobError,
 )
+from worker.fetch import HttpFetcher
 from worker.settings import WorkerSettings
 
-FORMATS = ["JPEG", "PNG", "WEBP", "GIF"]
+log = logging.getLogger("vlmq.media")
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+_DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+_OPEN_LOCK = threading.Lock()
+_SOURCE_ENTRIES = 2048  # source -> sha256 mappings kept (LRU)
+_BACKOFF_S = 0.25
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """A new RGB image from ``data``: first frame, EXIF orientation applied, alpha on white.
+
+    ImageInvalid for empty, truncated or corrupt bytes; ImageUnsupportedFormat for anything but
+    JPEG/PNG/WEBP/GIF; ImageTooLarge when the header declares more than ``max_pixels`` pixels.
+    """
+    if not data:
+        raise ImageInvalid("the image is empty (zero bytes)")
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"the image declares too many pixels to decode safely: {exc}") from None
+    except UnidentifiedImageError:
+        if data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise ImageInvalid("the image header is corrupt or truncated") from None
+        raise ImageUnsupportedFormat(
+            "the bytes are not a JPEG, PNG, WEBP or GIF image (other formats are refused)"
+        ) from None
+    except MemoryError:
+        raise ImageTooLarge("out of memory reading the image header") from None
+    except Exception as exc:
+        raise ImageInvalid(f"the image header does not parse: {exc}") from None
+    with image:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ImageInvalid(f"the image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"the image is {width}x{height} = {width * height} pixels; the cap is {max_pixels}"
+            )
+        try:
+            image.load()  # the current (first) frame only; other frames are never read
+        except MemoryError:
+            raise ImageTooLarge("out of memory decoding the image") from None
+        except Exception as exc:
+            raise ImageInvalid(f"the {image.format} image does not decode: {exc}") from None
+        try:
+            frame = ImageOps.exif_transpose(image)  # always a new image
+        except Exception as exc:  # hostile EXIF: keep the pixels as stored
+            log.debug("ignoring unreadable EXIF orientation: %s", exc)
+            frame = image.copy()
+        return _to_rgb(frame)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit PNG: scale to 8 bits
+        return image.convert("I").point(lambda v: v * (1 / 256)).convert("L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    """``image`` downscaled (aspect ratio kept, bicubic) to at most ``max_pixels`` pixels."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    scale = (max_pixels / (width * height)) ** 0.5
+    new_w, new_h = max(1, int(width * scale)), max(1, int(height * scale))
+    if new_w * new_h > max_pixels:  # very long, thin images: the short side is stuck at 1
+        new_w, new_h = min(new_w, max(1, max_pixels // new_h)), min(new_h, max_pixels)
+    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def decode_data_uri(source: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:image/...;base64,`` URI, at most ``max_bytes`` of them."""
+    match = _DATA_URI.match(source)
+    if not match:
+        raise ImageUnsupportedFormat("only data:image/<type>;base64,<payload> URIs are supported")
+    payload = source[match.end() :]
+    if len(payload) // 4 * 3 > max_bytes + 3:
+        raise ImageTooLarge(f"the data: URI holds more than the {max_bytes}-byte image cap")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInvalid("the data: URI payload is not valid base64") from None
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"the data: URI holds {len(data)} bytes; the cap is {max_bytes}")
+    return data
+
+
+def _scheme(source: str) -> str:
+    try:
+        return urlsplit(source).scheme.lower()
+    except ValueError:
+        raise ImageUrlForbidden(f"the image source is not a valid URL: {source[:200]!r}") from None
 
 
 class MediaLoader:
+    """Loads image sources for jobs: fetch with retries, decode, and a bounded LRU cache.
+
+    The cache holds decoded RGB images keyed by the sha256 of their bytes (at most
+    ``image_cache_bytes`` of pixels), plus an http/s3 source -> sha256 map, so the same image in
+    many jobs is fetched and decoded once per worker; concurrent loads of one source share one
+    fetch. Counters for metrics: ``fetches`` (fetch attempts over the network or S3),
+    ``cache_hits`` (loads answered without decoding), ``decodes``. Thread-safe.
+    """
+
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlmq-fetch")
+        self.fetches = self.cache_hits = self.decodes = 0
+        self._http = HttpFetcher(settings)
+        self._s3_client: Any = None
+        self._lock = threading.Lock()
+        self._s3_lock = threading.Lock()
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._sources: OrderedDict[str, str] = OrderedDict()
+        self._cache_bytes = 0
+        self._inflight: dict[str, Future[Image.Image]] = {}
+        self._pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="vlmq-img")
+        if settings.max_image_pixels > (Image.MAX_IMAGE_PIXELS or settings.max_image_pixels):
+            log.warning(
+                "max_image_pixels %d is above Pillow's own bomb limit %d, which applies",
+                settings.max_image_pixels,
+                Image.MAX_IMAGE_PIXELS,
+            )
 
-    def load_all(self, sources: list[str], *, max_pixels: int | None, deadline: float) -> list[Any]:
-        return list(self._pool.map(lambda s: self.load(s, max_pixels=max_pixels,
-                                                       deadline=deadline), sources))
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache_bytes
 
-    def load(self, source: str, *, max_pixels: int | None, deadline: float) -> Any:
-        return self._decode(self._fetch(source, deadline), max_pixels)
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "fetches": self.fetches,
+                "cache_hits": self.cache_hits,
+                "decodes": self.decodes,
+                "cache_bytes": self._cache_bytes,
+                "cache_images": len(self._images),
+            }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def load(self, source: str, *, max_pixels: int | None, deadline: float) -> Image.Image:
+        """One RGB image owned by the caller; at most ``max_pixels`` pixels when given."""
+        shared = self._obtain(source, deadline)
+        if max_pixels is not None and shared.width * shared.height > max_pixels:
+            return fit_pixels(shared, max_pixels)
+        return shared.copy()
+
+    def load_all(
+        self, sources: list[str], *, max_pixels: int | None, deadline: float
+    ) -> list[Image.Image]:
+        """``load`` for each source, concurrently, in order. As soon as one fails, the error of
+        the first source (in order) that has failed is raised and loads not yet started are
+        cancelled."""
+        if len(sources) <= 1:
+            return [self.load(s, max_pixels=max_pixels, deadline=deadline) for s in sources]
+        futures = [
+            self._pool.submit(self.load, s, max_pixels=max_pixels, deadline=deadline)
+            for s in sources
+        ]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            error = future.exception() if future in done else None
+            if error is not None:
+                for other in pending:
+                    other.cancel()
+                raise error
+        return [future.result() for future in futures]
+
+    # -- cache and single flight ---------------------------------------------------------------
+
+    def _obtain(self, source: str, deadline: float) -> Image.Image:
+        """The shared (cached) decoded image for ``source``; never to be modified."""
+        data: bytes | None = None
+        if source.startswith("data:"):
+            data = decode_data_uri(source, self.settings.max_image_bytes)
+            key = "sha256:" + hashlib.sha256(data).hexdigest()
+        else:
+            scheme = _scheme(source)
+            if scheme not in ("http", "https", "s3"):
+                raise ImageUrlForbidden(
+                    f"unsupported image source scheme {scheme or '(none)'!r}: "
+                    "use http(s)://, s3://bucket/key or data:image/...;base64,"
+                )
+            key = "source:" + source
+        with self._lock:
+            cached = self._lookup(key)
+            if cached is not None:
+                self.cache_hits += 1
+                return cached
+            future = self._inflight.get(key)
+            owner = future is None
+            if future is None:
+                future = self._inflight[key] = Future()
+        if not owner:
+            return self._wait(future, source, deadline)
+        try:
+            image = self._produce(source, data, deadline)
+            future.set_result(image)
+            return image
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _wait(self, future: Future[Image.Image], source: str, deadline: float) -> Image.Image:
+        try:
+            image = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise ImageFetchTimeout(f"timed out waiting for another fetch of {source}") from None
+        except JobError as exc:  # a fresh exception per waiting job
+            raise type(exc)(exc.message, retryable=exc.retryable) from None
+        with self._lock:
+            self.cache_hits += 1
+        return image
+
+    def _lookup(self, key: str) -> Image.Image | None:
+        """(Under the lock.) The cached image for a "source:" or "sha256:" key, as most recent."""
+        digest = key.removeprefix("sha256:")
+        if key.startswith("source:"):
+            found = self._sources.get(key)
+            if found is None:
+                return None
+            self._sources.move_to_end(key)
+            digest = found
+        image = self._images.get(digest)
+        if image is not None:
+            self._images.move_to_end(digest)
+        return image
+
+    def _produce(self, source: str, data: bytes | None, deadline: float) -> Image.Image:
+        if data is None:
+            data = self._fetch_with_retries(source, deadline)
+        digest = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            image = self._images.get(digest)
+            if image is not None:  # same bytes under another source
+                self._remember(source, digest)
+                self._images.move_to_end(digest)
+                self.cache_hits += 1
+                return image
+        image = decode_image(data, max_pixels=self.settings.max_image_pixels)
+        with self._lock:
+            self.decodes += 1
+            self._store(digest, image)
+            self._remember(source, digest)
+        return image
+
+    def _remember(self, source: str, digest: str) -> None:
+        if source.startswith("data:"):
+            return  # keyed by the hash of their bytes; the URI itself is not kept
+        self._sources["source:" + source] = digest
+        self._sources.move_to_end("source:" + source)
+        while len(self._sources) > _SOURCE_ENTRIES:
+            self._sources.popitem(last=False)
+
+    def _store(self, digest: str, image: Image.Image) -> None:
+        size = image.width * image.height * len(image.getbands())
+        limit = self.settings.image_cache_bytes
+        if size > limit or digest in self._images:
+            return
+        while self._images and self._cache_bytes + size > limit:
+            _, old = self._images.popitem(last=False)
+            self._cache_bytes -= old.width * old.height * len(old.getbands())
+        self._images[digest] = image
+        self._cache_bytes += size
+
+    # -- fetching ------------------------------------------------------------------------------
+
+    def _fetch_with_retries(self, source: str, deadline: float) -> bytes:
+        attempt = 0
+        while True:
+            with self._lock:
+                self.fetches += 1
+            try:
+                return self._fetch(source, deadline)
+            except JobError as exc:
+                delay = _BACKOFF_S * 2**attempt * random.uniform(0.75, 1.25)
+                late = time.monotonic() + delay >= deadline
+                if not exc.retryable or attempt >= self.settings.fetch_retries or late:
+                    raise
+                log.info("retrying %s in %.2fs: %s", source[:200], delay, exc.message)
+                attempt += 1
+                time.sleep(delay)
 
     def _fetch(self, source: str, deadline: float) -> bytes:
-        if source.startswith("data:"):
-            return base64.b64decode(source.split(",", 1)[1])
-        if source.startswith("s3://"):
-            raise ImageUrlForbidden("s3 image sources need a configured bucket allowlist")
-        timeout = min(self.settings.fetch_read_timeout_s, max(0.1, deadline - time.monotonic()))
-        try:
-            with urllib.request.urlopen(source, timeout=timeout) as response:
-                data = response.read(self.settings.max_image_bytes + 1)
-        except urllib.error.HTTPError as error:
-            if error.code in (404, 410):
-                raise ImageNotFound(f"image not found: HTTP {error.code} from {source}") from None
-            raise ImageFetchFailed(f"HTTP {error.code} from {source}") from None
-        except TimeoutError:
-            raise ImageFetchTimeout(f"timed out fetching {source}") from None
-        except OSError as error:
-            raise ImageFetchFailed(f"cannot fetch {source}: {error}") from None
-        if len(data) > self.settings.max_image_bytes:
-            raise ImageTooLarge(f"image larger than {self.settings.max_image_bytes} bytes")
-        return data
+        if _scheme(source) == "s3":
+            from worker import s3  # boto3 is imported only when an s3 source is used
 
-    def _decode(self, data: bytes, max_pixels: int | None) -> Any:
-        if not data:
-            raise ImageInvalid("the image is empty (zero bytes)")
-        try:
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-        except Image.UnidentifiedImageError:
-            raise ImageUnsupportedFormat("not a JPEG, PNG, WEBP or GIF image") from None
-        try:
-            image.load()
-            image = ImageOps.exif_transpose(image).convert("RGB")
-        except OSError as error:
-            raise ImageInvalid(f"the image does not decode: {error}") from None
-        if max_pixels and image.width * image.height > max_pixels:
-            scale = (max_pixels / (image.width * image.height)) ** 0.5
-            image = image.resize((max(1, int(image.width * scale)),
-                                  max(1, int(image.height * scale))))
-        return image
+            with self._s3_lock:
+                if self._s3_client is None:
+                    self._s3_client = s3.make_client(self.settings)
+                client = self._s3_client
+            return s3.fetch_object(
+                client,
+                source,
+                self.settings.max_image_bytes,
+                self.settings.s3_allowed_buckets,
+                deadline=deadline,
+            )
+        return self._http.fetch(source, deadline)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from producer.jobs import Ledger
 from worker.work import Work
@@ -33,17 +34,26 @@ class Publisher:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
+    def _append_until_sent(self, rows: list[Row]) -> list[int]:
+        """Redis away: keep trying (appends are idempotent), so no event is lost or reordered;
+        generation goes on meanwhile and the queue catches up when Redis is back."""
+        delay = 0.05
+        while True:
+            try:
+                return self.ledger.append(rows)
+            except Exception as error:
+                log.warning("could not publish a step for %d rows (%s); retrying", len(rows),
+                            error)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
             rows, finished = item
-            try:
-                answers = self.ledger.append([row for _work, row in rows])
-            except Exception:  # Redis away: generation goes on; the commit will retry
-                log.warning("could not publish a step for %d rows", len(rows), exc_info=True)
-                answers = [1] * len(rows)
+            answers = self._append_until_sent([row for _work, row in rows])
             for (work, _row), answer in zip(rows, answers, strict=True):
                 if answer in (0, 2):  # 0: someone else owns the job now; 2: cancel asked
                     work.cancel.set()

@@ -87,7 +87,12 @@ class Reconciler:
         payloads: list[bytes] = []
         for name in self.broker.scan_iter(match="vlmq*", _type="list"):
             payloads.extend(self.broker.lrange(name, 0, -1))
-        payloads.extend(v for v in self.broker.hvals("unacked"))
+        # delivered and unacked: only recent deliveries count; an older one whose job is still
+        # QUEUED sits with a consumer that died (Redis gives it back after the visibility
+        # timeout, far later)
+        recent = self.broker.zrangebyscore("unacked_index", time.time() - self.grace_s, "+inf")
+        if recent:
+            payloads.extend(p for p in self.broker.hmget("unacked", recent) if p)
         for payload in payloads:
             try:
                 message = json.loads(payload)

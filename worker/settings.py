@@ -40,6 +40,13 @@ class WorkerSettings(BaseSettings):
     quantize: Literal["none", "int8", "int8-bnb", "nf4-bnb"] = "none"
     hostname: str | None = None
 
+    # GPU workers (worker/supervisor.py) and recycling (worker/memory.py); 0 = off
+    gpus: str | None = None  # "0,1" or "all": one supervised child process per GPU
+    supervisor_child_device: str = "cuda:0"  # for tests only: "cpu" runs children on the CPU
+    stop_grace_s: float = Field(60.0, gt=0)  # SIGTERM to children, then SIGKILL after this
+    max_rss_mb: int = Field(0, ge=0)
+    max_gpu_reserved_mb: int = Field(0, ge=0)
+
     # generation and batching
     max_new_tokens_cap: int = Field(4096, ge=1)
     max_input_tokens: int = Field(16_384, ge=16)
@@ -75,6 +82,7 @@ class WorkerSettings(BaseSettings):
     fetch_proxy: str | None = None
     user_agent: str = "vlmq-worker/0.1 (+image fetcher)"
     image_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    fetch_concurrency: int = Field(4, ge=1, le=32)  # threads fetching/decoding one job's images
 
     # S3 (image sources and results)
     s3_endpoint_url: str | None = None

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import Celery
 from pydantic import ValidationError
 
@@ -19,14 +21,23 @@ from producer import keys
 from producer.jobs import Ledger
 from producer.schema import ErrorCode, ErrorInfo, JobRequest, JobResult, JobStatus, Limits
 from worker.engine import Engine
-from worker.errors import InvalidRequest, JobError
+from worker.errors import InvalidRequest, JobError, ResultStoreFailed
+from worker.quarantine import Quarantine
 from worker.settings import WorkerSettings
 from worker.work import Outcome, Work
+
+if TYPE_CHECKING:
+    from worker.metrics import Metrics
+    from worker.results import ResultStore
 
 log = logging.getLogger("vlmq.tasks")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _STATUS_BY_REASON = {"stop": JobStatus.SUCCEEDED, "length": JobStatus.SUCCEEDED,
                      "cancelled": JobStatus.CANCELLED, "deadline": JobStatus.EXPIRED}
+# claim outcomes that end the job: (final status, error code, why)
+_ENDED_AT_CLAIM = {"cancelled": ("CANCELLED", None, "cancel asked before it ran"),
+                   "expired": ("EXPIRED", None, "picked up past its deadline"),
+                   "exhausted": ("FAILED", "WORKER_LOST", "its workers were lost too often")}
 
 
 @dataclass
@@ -39,6 +50,19 @@ class Runtime:
     worker_id: str
     active: dict[str, Work] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    quarantine: Quarantine = field(default_factory=Quarantine)
+    results: ResultStore | None = None  # None: every result stays in Redis
+    metrics: Metrics | None = None
+
+    resend: Callable[[str, str], None] | None = None  # (job_id, queue): send the task again
+
+    def drain(self) -> None:
+        """Shutting down: stop every job in hand at its next step and hand it back."""
+        with self.lock:
+            works = list(self.active.values())
+        for work in works:
+            work.handback = True
+            work.cancel.set()
 
     def heartbeat_once(self) -> None:
         """Renew the lease of every job in hand; pass on cancel requests and lost ownership."""
@@ -61,12 +85,26 @@ def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         log.warning("dropped a malformed task message: args=%.200r kwargs=%.200r", args, kwargs)
         return "malformed"
     job_id = args[0]
+    retried = int((rt.ledger.raw(job_id) or {}).get("attempts") or 0) > 0
+    with rt.quarantine.hold(alone=retried):
+        return _run_claimed(rt, job_id)
+
+
+def _run_claimed(rt: Runtime, job_id: str) -> str:
     settings = rt.settings
     claim = rt.ledger.claim(job_id, rt.worker_id, settings.lease_s, settings.max_attempts)
     if claim.outcome != "claimed":
-        log.info("job %s not run: %s", job_id, claim.outcome)
+        if claim.outcome in _ENDED_AT_CLAIM:
+            status, code, why = _ENDED_AT_CLAIM[claim.outcome]
+            log.info("job %s %s: %s", job_id, status, why,
+                     extra={"job_id": job_id, "status": status, "code": code})
+            if rt.metrics:
+                rt.metrics.job_ended(status, code)
+        else:
+            log.info("job %s not run: %s", job_id, claim.outcome, extra={"job_id": job_id})
         return claim.outcome
-    log.info("job %s RUNNING attempt fence=%d", job_id, claim.fence)
+    log.info("job %s RUNNING fence=%d", job_id, claim.fence,
+             extra={"job_id": job_id, "status": "RUNNING", "fence": claim.fence})
     work: Work | None = None
     try:
         raw = rt.ledger.raw(job_id) or {}
@@ -79,9 +117,15 @@ def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         with rt.lock:
             rt.active[job_id] = work
         outcome = rt.engine.submit(work).result()
-        return _commit(rt, job_id, claim.fence, outcome)
+        if work.handback:
+            return _hand_back(rt, job_id, claim.fence, raw.get("queue") or keys.DEFAULT_QUEUE)
+        return _commit(rt, job_id, claim.fence, outcome, work)
     except JobError as error:
         return _fail(rt, job_id, claim.fence, error.info())
+    except redis.RedisError as error:  # the ledger is out of reach: not the job's fault
+        log.warning("job %s: Redis error (%s); left to its lease and the reconciler", job_id,
+                    error)
+        return "ledger unreachable"
     except Exception as error:
         log.exception("job %s failed unexpectedly", job_id)
         info = ErrorInfo(code=ErrorCode.INTERNAL, message=f"{type(error).__name__}: {error}")
@@ -102,19 +146,38 @@ def _decode_request(body: str | None, settings: WorkerSettings) -> JobRequest:
         raise InvalidRequest(f"invalid job request: {problems[:1000]}") from None
 
 
-def _commit(rt: Runtime, job_id: str, fence: int, outcome: Outcome) -> str:
+def _commit(rt: Runtime, job_id: str, fence: int, outcome: Outcome,
+            work: Work | None = None) -> str:
     status = _STATUS_BY_REASON[outcome.finish_reason]
     result = JobResult(job_id=job_id, text=outcome.text, finish_reason=outcome.finish_reason,
                        usage=outcome.usage, timings=outcome.timings,
                        model=rt.settings.served_model(), worker=rt.worker_id)
     event_type = "done" if status == JobStatus.SUCCEEDED else "cancelled"
     extra = {"finish_reason": outcome.finish_reason, "usage": outcome.usage.model_dump()}
-    fields = {"result": result.model_dump_json(), "finish_reason": outcome.finish_reason}
+    fields: dict[str, str] = {"finish_reason": outcome.finish_reason}
+    body = result.model_dump_json()
+    store = work.request.result_store if work is not None else "redis"
+    if rt.results is not None and rt.results.where(store, len(body.encode())) == "s3":
+        fields["result_uri"] = rt.results.put(job_id, body.encode())  # or ResultStoreFailed
+    elif store == "s3":
+        raise ResultStoreFailed("the request asked for an S3 result; this worker has no result "
+                                "store", retryable=False)
+    else:
+        fields["result"] = body
     if not rt.ledger.finish(job_id, fence, status, event_type, extra, fields):
-        log.warning("job %s: commit refused (fence %d is stale)", job_id, fence)
+        log.warning("job %s: commit refused (fence %d is stale)", job_id, fence,
+                    extra={"job_id": job_id})
         return "stale"
-    log.info("job %s %s finish_reason=%s tokens=%d total_ms=%.1f", job_id, status.value,
-             outcome.finish_reason, outcome.usage.completion_tokens, outcome.timings.total_ms)
+    log.info("job %s %s finish_reason=%s tokens=%d total_ms=%.1f%s", job_id, status.value,
+             outcome.finish_reason, outcome.usage.completion_tokens, outcome.timings.total_ms,
+             f" result_uri={fields['result_uri']}" if "result_uri" in fields else "",
+             extra={"job_id": job_id, "status": status.value})
+    if rt.metrics is not None:
+        rt.metrics.job_ended(status.value)
+        if work is not None:
+            with rt.lock:
+                peers = list(rt.active.values())
+            rt.metrics.job_finished(work, outcome, peers, rt.ledger.redis)
     return status.value
 
 
@@ -122,7 +185,22 @@ def _fail(rt: Runtime, job_id: str, fence: int, info: ErrorInfo) -> str:
     extra = {"error": info.model_dump(mode="json")}
     if not rt.ledger.finish(job_id, fence, JobStatus.FAILED, "error", extra,
                             {"error": info.model_dump_json()}):
-        log.warning("job %s: failure commit refused (fence %d is stale)", job_id, fence)
+        log.warning("job %s: failure commit refused (fence %d is stale)", job_id, fence,
+                    extra={"job_id": job_id})
         return "stale"
-    log.info("job %s FAILED %s: %s", job_id, info.code.value, info.message)
+    log.info("job %s FAILED %s: %s", job_id, info.code.value, info.message,
+             extra={"job_id": job_id, "status": "FAILED", "code": info.code.value})
+    if rt.metrics is not None:
+        rt.metrics.job_ended(JobStatus.FAILED.value, info.code.value)
     return JobStatus.FAILED.value
+
+
+def _hand_back(rt: Runtime, job_id: str, fence: int, queue: str) -> str:
+    """The worker is stopping: return the job to QUEUED and send its task again at once."""
+    if not rt.ledger.release(job_id, fence):
+        log.warning("job %s: hand-back refused (fence %d is stale)", job_id, fence)
+        return "stale"
+    if rt.resend is not None:
+        rt.resend(job_id, queue)
+    log.info("job %s handed back (worker stopping)", job_id, extra={"job_id": job_id})
+    return "handed back"

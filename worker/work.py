@@ -34,6 +34,7 @@ class Work:
     already_sent: str = ""
     next_seq: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
+    handback: bool = False  # the worker is stopping: give the job back instead of ending it
     future: Future[Outcome] = field(default_factory=Future)
     claimed_at: float = field(default_factory=time.time)
     # filled by the engine

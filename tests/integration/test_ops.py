@@ -1,0 +1,138 @@
+"""Operations against real worker processes: the metrics endpoint, `vlmq-worker health`, logs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from demo.servers import RedisServer, WorkerProcess
+from producer import JobFailed, Producer
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny-qwen2_vl"
+PASSWORD = "pw-0f7c2e9d"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def health(health_file: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    env = dict(os.environ, VLMQ_HEALTH_FILE=health_file)
+    done = subprocess.run([sys.executable, "-m", "worker", "health", *extra], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return done.returncode, json.loads(done.stdout)
+
+
+def eventually(check: Callable[[], bool], what: str, limit_s: float = 60) -> None:
+    end = time.monotonic() + limit_s
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.2)
+
+
+def test_metrics_endpoint_counts_finished_jobs(producer: Producer, workers: Any,
+                                               image_server: Any) -> None:
+    port = workers["qwen2_vl"].metrics_port
+    before = scrape(port)
+    ok = producer.submit(prompt="What is it?", images=[image_server.url("/cats.png")],
+                         model=MODEL, max_new_tokens=3)
+    bad = producer.submit(prompt="What is it?", images=[image_server.url("/gone.png")],
+                          model=MODEL, max_new_tokens=3)
+    producer.result(ok, timeout=60)
+    with pytest.raises(JobFailed):
+        producer.result(bad, timeout=60)
+    after = scrape(port)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("vlmq_jobs_total", status="SUCCEEDED", code="none") >= 1
+    assert delta("vlmq_jobs_total", status="FAILED", code="IMAGE_NOT_FOUND") >= 1
+    for histogram in ("vlmq_queue_wait_seconds", "vlmq_time_to_first_token_seconds",
+                      "vlmq_job_latency_seconds", "vlmq_generation_tokens_per_second",
+                      "vlmq_batch_size"):
+        assert delta(f"{histogram}_count") >= 1, histogram
+    assert delta("vlmq_images_fetched_total") >= 1
+    assert after[("vlmq_model_weight_bytes", ())] > 0
+    assert ("vlmq_gpu_memory_allocated_bytes", ()) in after  # 0 on a CPU worker
+
+
+def test_health_of_a_consuming_worker(workers: Any) -> None:
+    worker = workers["qwen2_vl"]
+    eventually(lambda: health(worker.health_file)[0] == 0, "the worker reports healthy")
+    code, report = health(worker.health_file)
+    assert report["healthy"] and report["consuming"] and report["problems"] == []
+    assert report["model"] == MODEL and f"q-{MODEL}" in report["queues"]
+    code, report = health(worker.health_file, "--max-age", "0")  # any heartbeat is too old
+    assert code == 1 and "last heartbeat" in report["problems"][0]
+    code, report = health(worker.health_file + ".missing")
+    assert code == 1 and "no health file" in report["problems"][0]
+
+
+@pytest.fixture()
+def private_worker(tiny_paths: dict[str, str], image_server: Any,
+                   tmp_path: Any) -> Any:
+    """A worker with JSON logs, a fast heartbeat and its own password-protected Redis."""
+    server = RedisServer()
+    redis.Redis(port=server.port).config_set("requirepass", PASSWORD)
+    url = f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
+    proc = WorkerProcess(tiny_paths["qwen2_vl"], url, name="ops-private",
+                         image_port=image_server.port, log_dir=str(tmp_path),
+                         env={"VLMQ_LOG_FORMAT": "json", "VLMQ_LEASE_S": "1.5"})
+    try:
+        proc.wait_ready()
+        yield server, url, proc
+    finally:
+        proc.stop()
+        server.stop()
+
+
+def test_json_logs_without_secrets_and_health_when_redis_goes(
+        private_worker: Any, image_server: Any) -> None:
+    server, url, proc = private_worker
+    eventually(lambda: health(proc.health_file)[0] == 0, "the worker reports healthy")
+    payload = base64.b64encode(b"definitely not an image, but long enough " * 4).decode()
+    with Producer(url) as producer:
+        ok = producer.submit(prompt="What is it?", images=[image_server.url("/cats.png")],
+                             model="ops-private", max_new_tokens=2)
+        bad = producer.submit(prompt="What is it?", images=[f"data:image/png;base64,{payload}"],
+                              model="ops-private", max_new_tokens=2)
+        producer.result(ok, timeout=60)
+        with pytest.raises(JobFailed):
+            producer.result(bad, timeout=60)
+
+    log = proc.log()
+    assert PASSWORD not in log and payload not in log
+    assert f"redis://:***@127.0.0.1:{server.port}/0" in log  # the URL is logged, masked
+    changes: dict[str, list[str]] = {ok: [], bad: []}
+    for line in log.splitlines():
+        for job_id in changes:
+            if job_id in line:
+                record = json.loads(line)  # every line about a job is one JSON object
+                if record.get("status"):
+                    assert record["job_id"] == job_id
+                    changes[job_id].append(record["status"])
+    assert changes == {ok: ["RUNNING", "SUCCEEDED"], bad: ["RUNNING", "FAILED"]}
+
+    server.stop()  # Redis (ledger and broker) goes away: the worker cannot consume
+    eventually(lambda: health(proc.health_file)[0] == 1, "the worker reports unhealthy")
+    code, report = health(proc.health_file)
+    assert "the broker does not answer" in report["problems"]
+    assert report["consuming"] is False
