@@ -28,6 +28,7 @@ does not fit fails with RESOURCE_EXHAUSTED; the worker keeps serving.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -39,6 +40,7 @@ import torch
 from producer.schema import ImagePart, JobRequest
 from worker.batching import collate, plan
 from worker.errors import JobError, ModelError, PromptTooLong, ResourceExhausted
+from worker.memory import STICKY_CUDA_EXIT, is_sticky_cuda_error
 from worker.model import LoadedModel, stopping
 from worker.publisher import Publisher
 from worker.settings import WorkerSettings
@@ -75,6 +77,7 @@ class Engine:
         eos = loaded.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._ready: queue.Queue[Work | None] = queue.Queue()
+        self.broken = False
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmq-prep")
         self._thread = threading.Thread(target=self._loop, name="vlmq-generate", daemon=True)
         self._thread.start()
@@ -149,6 +152,11 @@ class Engine:
     def _loop(self) -> None:
         waiting: list[Work] = []
         while self._take_waiting(waiting):
+            if self.broken:  # exiting: nothing more runs here
+                for work in waiting:
+                    self._hand_back(work)
+                waiting.clear()
+                continue
             batch = plan(waiting, max_batch_size=self.settings.max_batch_size,
                          max_tokens=self.settings.max_batch_tokens,
                          max_pixels=self.settings.max_batch_pixels)
@@ -173,8 +181,27 @@ class Engine:
             self._run(batch[:half])
             self._run(batch[half:])
         except BaseException as error:
+            if is_sticky_cuda_error(error):
+                self._die(batch, error)
+                return
             log.exception("generation failed for %s", [w.job_id for w in batch])
             self._fail(batch, error)
+
+    def _hand_back(self, work: Work) -> None:
+        work.handback = True
+        if not work.future.done():
+            work.finish_reason = work.finish_reason or "cancelled"
+            work.future.set_result(work.outcome())
+
+    def _die(self, batch: list[Work], error: BaseException) -> None:
+        """A sticky CUDA error poisons every later CUDA call in this process: hand the jobs
+        back (their tasks release them to QUEUED and send them again), then exit so that the
+        supervisor or the container starts a fresh process."""
+        log.critical("sticky CUDA error, handing back %d jobs and exiting: %s", len(batch), error)
+        self.broken = True
+        for work in batch:
+            self._hand_back(work)
+        threading.Timer(3.0, os._exit, args=(STICKY_CUDA_EXIT,)).start()
 
     def _fail(self, batch: list[Work], error: BaseException) -> None:
         for work in batch:
