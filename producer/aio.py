@@ -42,7 +42,7 @@ class AsyncProducer:
         self._cancel = self.redis.register_script(scripts.CANCEL)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.redis.aclose()  # type: ignore[attr-defined]
 
     async def __aenter__(self) -> AsyncProducer:
         return self

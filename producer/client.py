@@ -89,7 +89,7 @@ def broker_queue(name: str, broker_url: str) -> Queue:
 
 def parse_event(fields: dict[Any, Any]) -> StreamEvent:
     data = fields.get(b"data", fields.get("data"))
-    return StreamEvent.model_validate_json(data)
+    return StreamEvent.model_validate_json(data or b"")
 
 
 class Producer(AdminMixin):

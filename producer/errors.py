@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from producer.schema import ErrorInfo, JobState
+from producer.schema import ErrorCode, ErrorInfo, JobState
 
 
 class VlmqError(Exception):
@@ -45,7 +45,8 @@ class JobFailed(VlmqError):
 
     def __init__(self, state: JobState) -> None:
         self.state = state
-        self.error = state.error or ErrorInfo(code="INTERNAL", message=f"job {state.status}")
+        self.error = state.error or ErrorInfo(code=ErrorCode.INTERNAL,
+                                              message=f"job {state.status}")
         super().__init__(f"job {state.job_id} {state.status}: {self.error.code}: "
                          f"{self.error.message}")
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class JobRequest(_Frozen):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     messages: list[Message] = Field(min_length=1)
-    params: GenerationParams = Field(default_factory=GenerationParams)
+    params: GenerationParams = Field(default_factory=lambda: GenerationParams.model_validate({}))
     model: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._/:-]+$")
     result_store: Literal["redis", "s3"] = "redis"
     ttl_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)

@@ -32,6 +32,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -262,7 +263,7 @@ class Engine:
                 delta = row.assembler.finish()  # type: ignore[union-attr]
                 self.publisher.send([(row, row.event("delta", delta))], [row])
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _step(self, batch: list[Work], input_ids: torch.LongTensor,
