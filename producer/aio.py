@@ -16,7 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from producer import keys, scripts
-from producer.client import broker_queue, build_request, make_celery, parse_event
+from producer.client import broker_queue, build_request, make_celery, new_events
 from producer.errors import JobFailed, JobNotFound, JobTimeout
 from producer.jobs import DEFAULT_RETENTION_S, DEFAULT_STREAM_MAXLEN, new_record, parse_result
 from producer.jobs import parse_state as _parse_state
@@ -108,15 +108,11 @@ class AsyncProducer:
         last_id: Any = "0-0"
         while True:
             found = await self.redis.xread({skey: last_id}, block=1000, count=500)
-            for _stream, entries in found or []:
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    event = parse_event(fields)
-                    if after is not None and event.seq <= after:
-                        continue
-                    yield event
-                    if event.terminal:
-                        return
+            last_id, events = new_events(found, last_id, after)
+            for event in events:
+                yield event
+            if events and events[-1].terminal:
+                return
             if not found and await self._raw(job_id) is None:
                 raise JobNotFound(job_id)
 

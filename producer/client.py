@@ -87,6 +87,21 @@ def broker_queue(name: str, broker_url: str) -> Queue:
     return Queue(name, Exchange(name), routing_key=name)
 
 
+def new_events(found: Any, last_id: Any, after: int | None) -> tuple[Any, list[StreamEvent]]:
+    """From one XREAD answer: the id to read on from, and the events to yield (those after
+    seq ``after``, up to and including the terminal one)."""
+    events: list[StreamEvent] = []
+    for _stream, entries in found or []:
+        for entry_id, fields in entries:
+            last_id = entry_id
+            event = parse_event(fields)
+            if after is None or event.seq > after:
+                events.append(event)
+                if event.terminal:
+                    return last_id, events
+    return last_id, events
+
+
 def parse_event(fields: dict[Any, Any]) -> StreamEvent:
     data = fields.get(b"data", fields.get("data"))
     return StreamEvent.model_validate_json(data or b"")
@@ -210,15 +225,10 @@ class Producer(AdminMixin):
         last_id = "0-0"
         while True:
             found = self.redis.xread({skey: last_id}, block=1000, count=500)
-            for _stream, entries in found or []:
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    event = parse_event(fields)
-                    if after is not None and event.seq <= after:
-                        continue
-                    yield event
-                    if event.terminal:
-                        return
+            last_id, events = new_events(found, last_id, after)
+            yield from events
+            if events and events[-1].terminal:
+                return
             if end is not None and time.monotonic() > end:
                 raise JobTimeout(f"no terminal event for job {job_id} within {timeout}s")
             if not found and self.ledger.raw(job_id) is None:
