@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 
-.PHONY: venv demo test test-unit lint bench clean
+.PHONY: venv demo test test-unit chaos lint bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ test: venv
 
 test-unit: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit
+
+# the soaks at full size (Redis broker, then RabbitMQ): 1000 jobs each, workers SIGKILLed
+chaos: venv
+	HF_HUB_OFFLINE=1 VLMQ_SOAK_JOBS=$${VLMQ_SOAK_JOBS:-1000} $(PY) -m pytest -q -s -p no:cacheprovider -m chaos
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,7 @@ import pytest
 
 from demo.servers import ImageServer, RedisServer, WorkerProcess
 
+pytest.register_assert_rewrite("tests.integration.cluster", "tests.integration.soak")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

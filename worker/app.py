@@ -50,6 +50,9 @@ def create_app(settings: WorkerSettings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # RabbitMQ: quorum queues (producer.client.broker_queue) refuse global QoS; with this
+        # Celery applies the prefetch per consumer (the 5.5+ default, stated to keep it so)
+        worker_detect_quorum_queues=True,
         task_default_queue=keys.DEFAULT_QUEUE,
         broker_transport_options=transport,
         result_backend_transport_options=transport,

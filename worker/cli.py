@@ -122,7 +122,7 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     from worker.media import MediaLoader
     from worker.metrics import Metrics
     from worker.publisher import Publisher
-    from worker.reconciler import Reconciler
+    from worker.reconciler import Reconciler, amqp_depth
     from worker.results import ResultStore
     from worker.tasks import Runtime, register
 
@@ -151,7 +151,8 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
             TASK_GENERATE, args=[job_id], task_id=job_id,
             queue=broker_queue(queue, settings.broker())),
         worker_id=worker_id, interval_s=settings.reconcile_interval_s,
-        grace_s=settings.requeue_grace_s, broker=broker_redis)
+        grace_s=settings.requeue_grace_s, broker=broker_redis,
+        depth=None if broker_redis is not None else amqp_depth(app.connection_for_read))
     runtime.resend = reconciler.send
     stop = threading.Event()
     queues = queues_for(settings)

@@ -85,7 +85,10 @@ def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         log.warning("dropped a malformed task message: args=%.200r kwargs=%.200r", args, kwargs)
         return "malformed"
     job_id = args[0]
-    retried = int((rt.ledger.raw(job_id) or {}).get("attempts") or 0) > 0
+    status, attempts = rt.ledger.redis.hmget(keys.job_key(job_id), "status", "attempts")
+    if status not in (b"QUEUED", b"RUNNING"):  # missing or finished (a duplicate): a no-op
+        return _run_claimed(rt, job_id)  # claim, which need not wait for the quarantine
+    retried = int(attempts or 0) > 0
     with rt.quarantine.hold(alone=retried):
         return _run_claimed(rt, job_id)
 

@@ -8,60 +8,17 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
-from demo.servers import RedisServer, WorkerProcess
-from producer import Producer
 from producer.keys import job_key
+from tests.integration.cluster import Cluster, assert_once
 
 pytestmark = pytest.mark.integration
 LONG = 1200
-FAST = {"VLMQ_LEASE_S": "1.5", "VLMQ_RECONCILE_INTERVAL_S": "0.5", "VLMQ_REQUEUE_GRACE_S": "2",
-        "VLMQ_MAX_ATTEMPTS": "3", "VLMQ_SOFT_SHUTDOWN_S": "5"}
-
-
-class Cluster:
-    def __init__(self, path: str, image_server: Any, tmp: str) -> None:
-        self.redis = RedisServer("--appendonly", "yes", "--appendfsync", "always")
-        self.path, self.image_server, self.tmp = path, image_server, tmp
-        self.name = f"fault-{uuid.uuid4().hex[:6]}"
-        self.workers: list[WorkerProcess] = []
-        self.producer = Producer(self.redis.url)
-
-    def start_worker(self, wait: bool = True, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(self.path, self.redis.url, name=self.name, log_dir=self.tmp,
-                               image_port=self.image_server.port, env={**FAST, **env},
-                               log_name=f"{self.name}-{len(self.workers)}")
-        self.workers.append(worker)
-        if wait:
-            worker.wait_ready()
-        return worker
-
-    def holder(self, job_id: str) -> WorkerProcess:
-        worker_id = self.producer.status(job_id).worker or ""
-        pid = int(worker_id.rsplit(":", 1)[1])
-        return next(w for w in self.workers if w.proc.pid == pid)
-
-    def submit(self, tokens: int = 8, **options: Any) -> str:
-        return str(self.producer.submit(prompt="What do we see?", model=self.name,
-                                        images=[self.image_server.url("/cats.png")],
-                                        max_new_tokens=tokens, **options))
-
-    def started(self, job_id: str, tokens: int = 3) -> None:
-        for event in self.producer.stream(job_id, timeout=60):
-            if event.tokens >= tokens or event.terminal:
-                return
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.stop(signal.SIGKILL)
-        self.producer.close()
-        self.redis.stop()
 
 
 @pytest.fixture()
@@ -70,20 +27,6 @@ def cluster(tiny_paths: dict[str, str], image_server: Any,
     built = Cluster(tiny_paths["qwen2_vl"], image_server, str(tmp_path))
     yield built
     built.close()
-
-
-def assert_once(cluster: Cluster, job_id: str, attempts: int | None = None) -> Any:
-    """SUCCEEDED, one terminal event, deltas adding up to the text (nothing sent twice)."""
-    result = cluster.producer.result(job_id, timeout=120)
-    state = cluster.producer.status(job_id)
-    assert state.status == "SUCCEEDED"
-    if attempts is not None:
-        assert state.attempts == attempts
-    events = list(cluster.producer.stream(job_id, timeout=10))
-    assert [e.seq for e in events] == list(range(len(events)))
-    assert sum(e.terminal for e in events) == 1 and events[-1].terminal
-    assert "".join(e.delta for e in events) == result.text
-    return result
 
 
 def test_sigkill_mid_generation_is_completed_by_another_worker(cluster: Cluster) -> None:
