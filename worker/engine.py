@@ -44,6 +44,7 @@ from worker.errors import JobError, ModelError, PromptTooLong, ResourceExhausted
 from worker.memory import STICKY_CUDA_EXIT, is_sticky_cuda_error
 from worker.model import LoadedModel, stopping
 from worker.publisher import Publisher
+from worker.sanitize import PromptSanitizer
 from worker.settings import WorkerSettings
 from worker.textstream import TextAssembler
 from worker.work import Outcome, Work
@@ -51,17 +52,21 @@ from worker.work import Outcome, Work
 log = logging.getLogger("vlmq.engine")
 
 
-def chat_messages(request: JobRequest, images: list[Any]) -> list[dict[str, Any]]:
-    """The request's conversation in the seeds' format, image sources replaced by images."""
+def chat_messages(request: JobRequest, images: list[Any],
+                  sanitizer: PromptSanitizer | None = None) -> list[dict[str, Any]]:
+    """The request's conversation in the seeds' format: images in place of their sources, and
+    text through the sanitizer (``worker.sanitize``) when one is given."""
     pending = iter(images)
     messages = []
-    for message in request.messages:
+    for m, message in enumerate(request.messages):
         content: list[dict[str, Any]] = []
-        for part in message.content:
+        for c, part in enumerate(message.content):
             if isinstance(part, ImagePart):
                 content.append({"type": "image", "image": next(pending)})
             else:
-                content.append({"type": "text", "text": part.text})
+                text = sanitizer.clean(part.text, f"messages[{m}].content[{c}].text") \
+                    if sanitizer else part.text
+                content.append({"type": "text", "text": text})
         messages.append({"role": message.role, "content": content})
     return messages
 
@@ -75,6 +80,7 @@ class Engine:
         self.publisher = publisher
         tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
         self.tokenizer = tokenizer
+        self.sanitizer = PromptSanitizer.for_processor(loaded.processor, settings.control_tokens)
         eos = loaded.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._ready: queue.Queue[Work | None] = queue.Queue()
@@ -117,8 +123,8 @@ class Engine:
     def _encode(self, request: JobRequest, images: list[Any]) -> Any:
         try:
             inputs = self.loaded.processor.apply_chat_template(
-                chat_messages(request, images), add_generation_prompt=True, tokenize=True,
-                return_dict=True, return_tensors="pt")
+                chat_messages(request, images, self.sanitizer), add_generation_prompt=True,
+                tokenize=True, return_dict=True, return_tensors="pt")
         except (ValueError, TypeError, KeyError, IndexError) as error:
             raise ModelError(f"the processor rejected this request: {error}") from error
         length = int(inputs["input_ids"].shape[1])

@@ -56,6 +56,7 @@ class WorkerSettings(BaseSettings):
     stream_events: bool = True  # off: no per-step events (cancel checks go on); benchmarks
     max_batch_tokens: int = Field(65_536, ge=16)  # rows x longest prompt
     max_batch_pixels: int = Field(64_000_000, ge=1024)  # image pixels in one batch
+    control_tokens: Literal["neutralise", "refuse"] = "neutralise"  # in request text
 
     # ledger and reliability
     retention_s: int = Field(86_400, ge=60)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import subprocess
 import sys
 import threading
 import time
 import warnings
-import zlib
 from typing import Any
 
 import pytest
@@ -18,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import GifImagePlugin, Image, ImageFile
 
+from tests.hostile import DISGUISED, encode, many_frame_gif, noise, png_bomb
 from worker import media
 from worker.errors import (
     ImageFetchFailed,
@@ -42,50 +41,8 @@ def later(seconds: float = 10.0) -> float:
     return time.monotonic() + seconds
 
 
-def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=fmt, **params)
-    return out.getvalue()
-
-
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
-
-
-def noise(width: int, height: int, seed: int = 1) -> Image.Image:
-    raw = bytes((i * 2654435761 + seed * 97) >> 7 & 0xFF for i in range(width * height * 3))
-    return Image.frombytes("RGB", (width, height), raw)
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A complete, valid 1-bit PNG of zeros: tiny file, ``width * height`` pixels when decoded."""
-    compressor = zlib.compressobj(9)
-    row = bytes(1 + (width + 7) // 8)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", header)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def many_frame_gif(frames: int) -> bytes:
-    """A 1x1 GIF with ``frames`` frames alternating black and white, assembled directly."""
-    head = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
-    loop = b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
-    blocks = []
-    for index in (0, 1):
-        control = b"\x21\xf9\x04\x00\x01\x00\x00\x00"  # 10 ms per frame
-        descriptor = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0)
-        pixels = b"\x02\x02" + (b"\x44" if index == 0 else b"\x4c") + b"\x01\x00"  # LZW of 1 px
-        blocks.append(control + descriptor + pixels)
-    return head + loop + (blocks[0] + blocks[1]) * (frames // 2) + b"\x3b"
 
 
 # -- hostile images -----------------------------------------------------------------------------
@@ -100,14 +57,18 @@ def many_frame_gif(frames: int) -> bytes:
         (2_000, 2_000, 1_000_000),
     ],
 )
-def test_png_decompression_bombs(width: int, height: int, cap: int):
+def test_png_decompression_bombs(width: int, height: int, cap: int,
+                                 monkeypatch: pytest.MonkeyPatch):
     bomb = png_bomb(width, height)
     assert len(bomb) < 64 * 1024
     filters, pillow_cap = list(warnings.filters), Image.MAX_IMAGE_PIXELS
-    started = time.monotonic()
+
+    def load(self: Any) -> None:
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)  # refused from the header alone
     with pytest.raises(ImageTooLarge):
         decode_image(bomb, max_pixels=cap)
-    assert time.monotonic() - started < 0.5  # no pixel was decoded
     assert warnings.filters == filters and pillow_cap == Image.MAX_IMAGE_PIXELS
 
 
@@ -128,30 +89,11 @@ def test_ten_thousand_frame_gif_gives_the_first_frame_fast(monkeypatch: pytest.M
         real_seek(self, frame)
 
     monkeypatch.setattr(GifImagePlugin.GifImageFile, "seek", seek)
-    started = time.monotonic()
     image = MediaLoader(make_settings()).load(
         data_uri(gif, "image/gif"), max_pixels=None, deadline=later()
     )
-    assert time.monotonic() - started < 0.2
     assert image.size == (1, 1) and image.getpixel((0, 0)) == (0, 0, 0)
     assert all(frame == 0 for frame in seeks)
-
-
-def _psd_like() -> bytes:
-    return b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, 64, 64, 8, 3) + bytes(64)
-
-
-DISGUISED = {
-    "TIFF": lambda: encode(noise(8, 8), "TIFF"),
-    "PSD": _psd_like,
-    "EPS": lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n",
-    "PDF": lambda: encode(noise(8, 8), "PDF"),
-    "BMP": lambda: encode(noise(8, 8), "BMP"),
-    "ICO": lambda: encode(noise(16, 16), "ICO"),
-    "TGA": lambda: encode(noise(8, 8), "TGA"),
-    "SVG": lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>',
-    "HTML": lambda: b"<!doctype html><title>not an image</title>",
-}
 
 
 @pytest.mark.parametrize("kind", sorted(DISGUISED))
