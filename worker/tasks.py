@@ -85,15 +85,23 @@ def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         log.warning("dropped a malformed task message: args=%.200r kwargs=%.200r", args, kwargs)
         return "malformed"
     job_id = args[0]
-    status, attempts = rt.ledger.redis.hmget(keys.job_key(job_id), "status", "attempts")
+    status, attempts, fence = rt.ledger.redis.hmget(keys.job_key(job_id), "status", "attempts",
+                                                    "fence")
     if status not in (b"QUEUED", b"RUNNING"):  # missing or finished (a duplicate): a no-op
         return _run_claimed(rt, job_id)  # claim, which need not wait for the quarantine
-    retried = int(attempts or 0) > 0
-    with rt.quarantine.hold(alone=retried):
+    # a record written around the producer: counters that are not numbers are reset so that
+    # the job can be claimed and failed with a clear error, not looped over by the reconciler
+    broken = [name for name, value in (("attempts", attempts), ("fence", fence))
+              if value is not None and not value.isdigit()]
+    if broken:
+        rt.ledger.redis.hset(keys.job_key(job_id), mapping=dict.fromkeys(broken, "0"))
+        return _run_claimed(rt, job_id, f"the job record's {' and '.join(broken)} "
+                                        "is not a number (written around the producer?)")
+    with rt.quarantine.hold(alone=int(attempts or 0) > 0):
         return _run_claimed(rt, job_id)
 
 
-def _run_claimed(rt: Runtime, job_id: str) -> str:
+def _run_claimed(rt: Runtime, job_id: str, invalid: str | None = None) -> str:
     settings = rt.settings
     claim = rt.ledger.claim(job_id, rt.worker_id, settings.lease_s, settings.max_attempts)
     if claim.outcome != "claimed":
@@ -110,6 +118,8 @@ def _run_claimed(rt: Runtime, job_id: str) -> str:
              extra={"job_id": job_id, "status": "RUNNING", "fence": claim.fence})
     work: Work | None = None
     try:
+        if invalid:
+            raise InvalidRequest(invalid)
         raw = rt.ledger.raw(job_id) or {}
         request = _decode_request(raw.get("request"), settings)
         sent, seq = rt.ledger.stream_so_far(job_id)

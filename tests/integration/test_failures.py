@@ -99,3 +99,41 @@ def test_malformed_records_and_messages_do_not_stop_the_worker(
     assert state.status == "FAILED" and state.error and state.error.code == "INVALID_REQUEST"
     assert "messages" in state.error.message
     assert_serving(producer, image_server)
+
+
+GOOD_REQUEST = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+
+
+@pytest.mark.parametrize("name,fields", [
+    ("request-missing", {}),
+    ("request-not-json", {"request": "{not json"}),
+    ("request-a-list", {"request": "[1, 2, 3]"}),
+    ("role-unknown", {"request": json.dumps({"messages": [{"role": "root", "content": []}]})}),
+    ("text-a-number", {"request": json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": 5}]}]})}),
+    ("huge-text", {"request": json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "x" * 3_000_000}]}]})}),
+    ("unknown-field", {"request": json.dumps({**GOOD_REQUEST, "exec": "rm -rf /"})}),
+    ("attempts-not-a-number", {"request": json.dumps(GOOD_REQUEST), "attempts": "many"}),
+    ("status-unknown", {"request": json.dumps(GOOD_REQUEST), "status": "PWNED"}),
+])
+def test_records_written_around_the_producer_fail_or_are_dropped(
+        name: str, fields: dict[str, str], producer: Any, workers: Any, image_server: Any,
+        redis_server: Any) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    job_id = uuid.uuid4().hex
+    record = {"id": job_id, "status": "QUEUED", "queue": f"q-{MODEL}", "created_at": "1",
+              "attempts": "0", "fence": "0", **fields}
+    client.hset(job_key(job_id), mapping=record)
+    producer.enqueue(job_id, f"q-{MODEL}")
+    if fields.get("status") == "PWNED":
+        # not a state a worker may claim from: left as it is, never run
+        assert_serving(producer, image_server)
+        after = client.hgetall(job_key(job_id))
+        assert after[b"status"] == record["status"].encode() and b"result" not in after
+        return
+    state = producer.wait(job_id, timeout=60)
+    assert state.status == "FAILED" and state.error is not None, name
+    assert state.error.code == "INVALID_REQUEST" and not state.error.retryable, state.error
+    assert len(state.error.message) > 10
+    assert_serving(producer, image_server)
