@@ -1,4 +1,5 @@
-"""worker.fetch: the SSRF guard (refused before any connection) and a real loopback server."""
+"""worker.fetch (+ worker.addresses): the SSRF guard (refused before any connection) and a real
+loopback server."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from worker import fetch
+from worker import addresses, fetch
+from worker.addresses import address_problem
 from worker.errors import (
     ImageFetchFailed,
     ImageFetchTimeout,
@@ -26,7 +28,7 @@ from worker.errors import (
     ImageUrlForbidden,
     JobError,
 )
-from worker.fetch import HttpFetcher, address_problem
+from worker.fetch import HttpFetcher
 from worker.settings import WorkerSettings
 
 PUBLIC = "93.184.216.34"  # a globally routable address; never actually connected to here
@@ -64,7 +66,7 @@ FAKE_DNS = {
 def fake_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names resolve from FAKE_DNS only (localhost: the real resolver); records each lookup."""
     looked_up: list[str] = []
-    real = fetch.resolve
+    real = addresses.resolve
 
     def resolve(host: str, port: int) -> list[str]:
         looked_up.append(host)
@@ -74,7 +76,7 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             return real(host, port)
         raise socket.gaierror(socket.EAI_NONAME, f"{host} is not in FAKE_DNS")
 
-    monkeypatch.setattr(fetch, "resolve", resolve)
+    monkeypatch.setattr(addresses, "resolve", resolve)
     return looked_up
 
 
@@ -395,7 +397,7 @@ def test_pinned_public_host_redirecting_to_loopback(
     assert fake_dns == ["public.test"] and connected == [(PUBLIC, port)]
 
     FAKE_DNS["rebind.public.test"] = [PUBLIC]  # a second lookup would now say loopback
-    monkeypatch.setattr(fetch, "resolve", lambda host, port: FAKE_DNS.pop(host, ["127.0.0.1"]))
+    monkeypatch.setattr(addresses, "resolve", lambda host, port: FAKE_DNS.pop(host, ["127.0.0.1"]))
     assert fetcher.fetch(f"http://rebind.public.test:{port}/img", soon()) == BODY
 
     with pytest.raises(ImageUrlForbidden, match="loopback"):

@@ -1,4 +1,5 @@
-"""worker.media: hostile images, conversions, data: URIs, retries, the cache, S3 sources."""
+"""worker.decode and worker.media: hostile images, conversions, data: URIs, retries, the cache,
+S3 sources."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from PIL import GifImagePlugin, Image, ImageFile
 
 from tests.hostile import DISGUISED, encode, many_frame_gif, noise, png_bomb
 from worker import media
+from worker.decode import decode_image, fit_pixels
 from worker.errors import (
     ImageFetchFailed,
     ImageInvalid,
@@ -27,7 +29,7 @@ from worker.errors import (
     ImageUrlForbidden,
     JobError,
 )
-from worker.media import MediaLoader, decode_image, fit_pixels
+from worker.media import MediaLoader
 from worker.settings import WorkerSettings
 
 CAP = 40_000_000
