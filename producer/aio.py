@@ -22,6 +22,7 @@ from producer.jobs import DEFAULT_RETENTION_S, DEFAULT_STREAM_MAXLEN, new_record
 from producer.jobs import parse_state as _parse_state
 from producer.s3 import ResultReader, S3Config
 from producer.schema import DEFAULT_LIMITS, JobRequest, JobResult, JobState, JobStatus, Limits
+from producer.signing import signer_from
 
 
 def _text(value: Any) -> str:
@@ -31,13 +32,16 @@ def _text(value: Any) -> str:
 class AsyncProducer:
     def __init__(self, redis_url: str = keys.DEFAULT_REDIS_URL, *, broker_url: str | None = None,
                  limits: Limits = DEFAULT_LIMITS, retention_s: int = DEFAULT_RETENTION_S,
-                 s3: S3Config | None = None) -> None:
+                 s3: S3Config | None = None, security_key: str | None = None,
+                 security_certificate: str | None = None,
+                 security_key_password: str | None = None) -> None:
+        self._signer = signer_from(security_key, security_certificate, security_key_password)
         self.redis = aioredis.Redis.from_url(redis_url)
         self._s3 = ResultReader(s3 or S3Config())
         self.limits = limits
         self.retention_s = retention_s
         self.broker_url = broker_url or redis_url
-        self._celery = make_celery(self.broker_url)
+        self._celery = make_celery(self.broker_url, self._signer)
         self._create = self.redis.register_script(scripts.CREATE)
         self._cancel = self.redis.register_script(scripts.CANCEL)
 
@@ -58,7 +62,8 @@ class AsyncProducer:
                                     **options)
         queue = keys.queue_for_model(request.model)
         job_id, now = uuid.uuid4().hex, time.time()
-        flat = [v for pair in new_record(job_id, request, queue, now).items() for v in pair]
+        record = new_record(job_id, request, queue, now, self._signer)
+        flat = [v for pair in record.items() for v in pair]
         idem = keys.idempotency_key(request.idempotency_key) if request.idempotency_key else ""
         created, found = await self._create(
             keys=[keys.job_key(job_id), idem], args=[job_id, repr(now), self.retention_s, *flat])

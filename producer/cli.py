@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+import kombu.exceptions
 import redis
 
 from producer import admin_cli, keys
@@ -22,6 +23,7 @@ from producer.errors import (
 )
 from producer.s3 import S3Config
 from producer.schema import request_json_schema
+from producer.signing import SigningError
 
 
 def _print(obj: Any) -> None:
@@ -32,9 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmq", description="Submit vision-language jobs to vlmq workers and read results.",
         epilog="Results stored in S3 are read with VLMQ_S3_ENDPOINT_URL, VLMQ_S3_REGION, "
-               "VLMQ_S3_ACCESS_KEY_ID, VLMQ_S3_SECRET_ACCESS_KEY (else the AWS chain). Exit "
+               "VLMQ_S3_ACCESS_KEY_ID, VLMQ_S3_SECRET_ACCESS_KEY (else the AWS chain). "
+               "VLMQ_SECURITY_KEY and VLMQ_SECURITY_CERTIFICATE (VLMQ_SECURITY_KEY_PASSWORD) "
+               "sign task messages and job records for workers that require signing. Exit "
                "codes: 2 invalid request, 3 unknown job or timeout, 4 job failed, 5 Redis "
-               "unreachable, 6 not allowed in the job's status, 7 result store unreadable.")
+               "unreachable or refusing the credentials or the TLS certificate, 6 not allowed "
+               "in the job's status, 7 result store unreadable, 8 signing key or certificate "
+               "unusable.")
     parser.add_argument("--redis-url", default=None,
                         help=f"ledger Redis (env VLMQ_REDIS_URL, default {keys.DEFAULT_REDIS_URL})")
     parser.add_argument("--broker-url", default=None,
@@ -125,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = args.redis_url or os.environ.get("VLMQ_REDIS_URL", keys.DEFAULT_REDIS_URL)
     broker_url = args.broker_url or os.environ.get("VLMQ_BROKER_URL")
     s3 = S3Config.from_env(os.environ)  # only used for results stored in S3
+    env = os.environ.get
     try:
-        with Producer(redis_url, broker_url=broker_url, s3=s3) as producer:
+        with Producer(redis_url, broker_url=broker_url, s3=s3,
+                      security_key=env("VLMQ_SECURITY_KEY"),
+                      security_certificate=env("VLMQ_SECURITY_CERTIFICATE"),
+                      security_key_password=env("VLMQ_SECURITY_KEY_PASSWORD")) as producer:
             if args.command == "submit":
                 return _submit(producer, args)
             if args.command in admin_cli.COMMANDS:
@@ -156,7 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     except ResultUnavailable as error:
         print(f"vlmq: {error}", file=sys.stderr)
         return 7
-    except (OSError, redis.exceptions.ConnectionError) as error:
+    except SigningError as error:
+        print(f"vlmq: cannot sign: {error}", file=sys.stderr)
+        return 8
+    except redis.exceptions.AuthenticationError as error:
+        print(f"vlmq: Redis refused the credentials (authentication failed): {error}",
+              file=sys.stderr)
+        return 5
+    except (OSError, redis.exceptions.ConnectionError, kombu.exceptions.OperationalError) as error:
         print(f"vlmq: cannot reach Redis/broker: {error}", file=sys.stderr)
         return 5
 

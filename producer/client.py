@@ -7,6 +7,7 @@ message (the workers' reconciler re-sends it).
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from producer.schema import (
     Limits,
     StreamEvent,
 )
+from producer.signing import Signer, signer_from
 
 _PARAM_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                 "repetition_penalty", "seed", "stop")
@@ -71,12 +73,28 @@ def build_request(
         raise InvalidRequestError.from_validation(error) from None
 
 
-def make_celery(broker_url: str) -> Celery:
-    """A send-only Celery app: JSON only, tasks sent by name."""
+def make_celery(broker_url: str, signer: Signer | None = None) -> Celery:
+    """A send-only Celery app: JSON (signed with Celery's ``auth`` format when ``signer``),
+    tasks sent by name."""
     app = Celery("vlmq-producer", broker=broker_url, set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"], result_backend=None,
+    app.conf.update(task_serializer=signer.serializer() if signer else "json",
+                    accept_content=["json"], result_backend=None,
+                    broker_use_ssl=broker_ssl(broker_url),
                     broker_connection_retry_on_startup=True)
     return app
+
+
+def broker_ssl(broker_url: str) -> dict[str, Any] | None:
+    """Celery's ``broker_use_ssl`` for a ``rediss://`` broker: verify the server certificate.
+
+    kombu reads ``ssl_*`` options from the URL's query (``ssl_ca_certs``, ``ssl_cert_reqs``,
+    ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``), and they replace this; a
+    ``rediss://`` URL without any would otherwise connect WITHOUT checking the certificate
+    (kombu's default, with a warning), while redis-py (ledger, streams) checks it against the
+    system CAs. With this both check it the same way."""
+    if broker_url.startswith("rediss://"):
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return None
 
 
 def broker_queue(name: str, broker_url: str) -> Queue:
@@ -110,7 +128,10 @@ def parse_event(fields: dict[Any, Any]) -> StreamEvent:
 class Producer(AdminMixin):
     """Blocking producer. ``redis_url`` holds the ledger and streams; the broker defaults to it.
     ``s3`` (endpoint, region, credentials) is used only for results stored in S3; unset, boto3's
-    standard AWS chain applies. Admin views and actions come from ``producer.admin``."""
+    standard AWS chain applies. ``security_key`` and ``security_certificate`` (PEM paths, RSA;
+    ``security_key_password`` if the key is encrypted) sign every task message and job record
+    for workers that require signing (``producer.signing``). Admin views and actions come from
+    ``producer.admin``."""
 
     def __init__(
         self,
@@ -120,12 +141,16 @@ class Producer(AdminMixin):
         limits: Limits = DEFAULT_LIMITS,
         retention_s: int = DEFAULT_RETENTION_S,
         s3: S3Config | None = None,
+        security_key: str | None = None,
+        security_certificate: str | None = None,
+        security_key_password: str | None = None,
     ) -> None:
+        signer = signer_from(security_key, security_certificate, security_key_password)
         self.redis = connect(redis_url)
-        self.ledger = Ledger(self.redis, retention_s=retention_s)
+        self.ledger = Ledger(self.redis, retention_s=retention_s, signer=signer)
         self.limits = limits
         self.broker_url = broker_url or redis_url
-        self._celery = make_celery(self.broker_url)
+        self._celery = make_celery(self.broker_url, signer)
         self._s3 = ResultReader(s3 or S3Config())
 
     def close(self) -> None:

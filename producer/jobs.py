@@ -12,31 +12,69 @@ is refused, not applied. Allowed moves::
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from producer import keys, scripts
 from producer.schema import ErrorInfo, JobRequest, JobResult, JobState, JobStatus
+
+if TYPE_CHECKING:
+    from producer.signing import Signer
 
 DEFAULT_RETENTION_S = 86_400
 DEFAULT_STREAM_MAXLEN = 10_000
 
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client that retries a dropped connection with backoff (about 3 s in all)."""
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
+class _Refused(Exception):
+    """Carries an error no retry can help through redis-py's retry loop."""
 
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def refused(error: BaseException) -> bool:
+    """Whether Redis refused this client for good: its credentials, or (TLS) the server's
+    certificate did not verify. Retrying those only delays the error."""
+    return isinstance(error, redis.AuthenticationError) or (
+        isinstance(error, redis.ConnectionError)
+        and isinstance(error.__context__, ssl.SSLCertVerificationError))
+
+
+class _RetryUnlessRefused(Retry):
+    """redis-py's Retry, except that refused credentials and certificates are raised at once."""
+
+    def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        def once() -> Any:
+            try:
+                return do()
+            except redis.ConnectionError as error:
+                if refused(error):
+                    raise _Refused(error) from error
+                raise
+
+        try:
+            return super().call_with_retry(once, fail, *args, **kwargs)
+        except _Refused as final:
+            raise final.error from None
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client that retries a dropped connection with backoff (about 3 s in all), and
+    raises refused credentials or certificates at once."""
     return redis.Redis.from_url(
-        url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
+        url, retry=_RetryUnlessRefused(ExponentialBackoff(cap=1.0, base=0.05), 6),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError], health_check_interval=30)
 
 
-def new_record(job_id: str, request: JobRequest, queue: str, now: float) -> dict[str, str]:
-    """The hash fields of a freshly accepted job (status QUEUED)."""
+def new_record(job_id: str, request: JobRequest, queue: str, now: float,
+               signer: Signer | None = None) -> dict[str, str]:
+    """The hash fields of a freshly accepted job (status QUEUED); signed when ``signer``."""
     fields = {
         "id": job_id,
         "status": JobStatus.QUEUED.value,
@@ -51,6 +89,8 @@ def new_record(job_id: str, request: JobRequest, queue: str, now: float) -> dict
     }
     if request.ttl_s is not None:
         fields["deadline_at"] = repr(now + request.ttl_s)
+    if signer is not None:
+        fields.update(signer.sign_record(job_id, queue, fields["request"]))
     return fields
 
 
@@ -106,8 +146,10 @@ class Ledger:
         *,
         retention_s: int = DEFAULT_RETENTION_S,
         stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
+        signer: Signer | None = None,
     ) -> None:
         self.redis = client
+        self.signer = signer  # signs the records ``create`` writes (producer.signing)
         self.retention_s = retention_s
         self.stream_maxlen = stream_maxlen
         self._create = client.register_script(scripts.CREATE)
@@ -126,7 +168,7 @@ class Ledger:
     def create(self, job_id: str, request: JobRequest, queue: str) -> tuple[bool, str]:
         """Write a QUEUED record. Returns (created, job_id); an idempotency hit is (False, id)."""
         now = time.time()
-        fields = new_record(job_id, request, queue, now)
+        fields = new_record(job_id, request, queue, now, self.signer)
         idem = keys.idempotency_key(request.idempotency_key) if request.idempotency_key else ""
         flat = [item for pair in fields.items() for item in pair]
         created, found = self._create(

@@ -1,5 +1,8 @@
 """The Celery app factory and its configuration (JSON only, late acks, one message at a time).
 
+JSON only: a pickle, YAML or msgpack message is refused before its body is decoded and dropped
+(``worker.security``); with signing configured, only Celery ``auth`` messages are accepted.
+
 Pool: threads, concurrency = max_batch_size. The model lives once in this process and every
 task thread hands its job to the same engine and waits, so the engine sees up to
 max_batch_size requests at once to batch; processes would each need a copy of the model.
@@ -11,6 +14,7 @@ from celery import Celery
 
 from producer import keys
 from producer.client import broker_queue
+from worker.security import configure, signing_problems
 from worker.settings import WorkerSettings
 
 VISIBILITY_MARGIN_S = 300  # beyond the longest generation: fetching, preprocessing, commit
@@ -34,7 +38,7 @@ def check_config(settings: WorkerSettings) -> list[str]:
         problems.append("lease_s must be at least 0.6s (it is renewed every lease_s / 3)")
     if settings.requeue_grace_s < settings.lease_s:
         problems.append("requeue_grace_s must be at least lease_s")
-    return problems
+    return problems + signing_problems(settings)
 
 
 def create_app(settings: WorkerSettings) -> Celery:
@@ -66,6 +70,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,
         task_queues=[broker_queue(name, settings.broker()) for name in queues_for(settings)],
     )
+    configure(app, settings)  # TLS for a rediss:// broker; the auth serializer when signing
     return app
 
 

@@ -83,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         from worker.supervisor import supervise
 
         return supervise(settings, sys.argv[1:] if argv is None else argv, check=args.check)
+    if not args.check:  # refused credentials, TLS or signing files: say so before loading
+        from worker.security import preflight
+
+        refusals = preflight(settings)
+        for problem in refusals:
+            print(f"vlmq-worker: cannot start: {problem}", file=sys.stderr)
+        if refusals:
+            return 2
     from worker.model import StartupError, load  # heavy: torch + transformers
 
     try:
@@ -124,6 +132,7 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     from worker.publisher import Publisher
     from worker.reconciler import Reconciler, amqp_depth
     from worker.results import ResultStore
+    from worker.security import record_check
     from worker.tasks import Runtime, register
 
     if settings.result_store == "s3" and not settings.s3_result_bucket:
@@ -138,7 +147,8 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     engine = Engine(loaded, settings, media, Publisher(ledger))
     metrics = Metrics()
     runtime = Runtime(settings=settings, ledger=ledger, engine=engine, worker_id=worker_id,
-                      results=ResultStore(settings), metrics=metrics)
+                      results=ResultStore(settings), metrics=metrics,
+                      check_record=record_check(settings))
     metrics.bind(loaded, media, lambda: len(runtime.active))
     metrics.serve(settings.metrics_port, settings.metrics_addr)
     log.info("worker %s: ledger %s, broker %s", worker_id, settings.redis_url, settings.broker())

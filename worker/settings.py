@@ -100,6 +100,12 @@ class WorkerSettings(BaseSettings):
     s3_result_attempts: int = Field(4, ge=1, le=20)
     s3_result_backoff_s: float = Field(0.5, ge=0)  # doubled after each failed attempt
 
+    # message and record signing (producer.signing, worker/security.py): all three, or none
+    security_key: str | None = None  # PEM private key (RSA) this worker signs re-sends with
+    security_certificate: str | None = None  # its certificate (PEM), also in the store
+    security_cert_store: str | None = None  # directory of the trusted signers' certificates
+    security_key_password: SecretStr | None = None  # if the private key is encrypted
+
     # operations: metrics endpoint, health file, logs
     metrics_port: int = Field(9464, ge=0, le=65535)  # 0: no metrics endpoint
     metrics_addr: str = "0.0.0.0"
@@ -112,6 +118,9 @@ class WorkerSettings(BaseSettings):
 
     def broker(self) -> str:
         return self.broker_url or self.redis_url
+
+    def signing(self) -> bool:
+        return bool(self.security_key or self.security_certificate or self.security_cert_store)
 
     @field_validator(
         "allowed_ports", "host_allowlist", "host_denylist", "s3_allowed_buckets", mode="before"

@@ -55,6 +55,8 @@ class Runtime:
     metrics: Metrics | None = None
 
     resend: Callable[[str, str], None] | None = None  # (job_id, queue): send the task again
+    # signing on: raises InvalidRequest for a record no trusted producer signed (worker.security)
+    check_record: Callable[[dict[str, str]], None] | None = None
 
     def drain(self) -> None:
         """Shutting down: stop every job in hand at its next step and hand it back."""
@@ -121,6 +123,8 @@ def _run_claimed(rt: Runtime, job_id: str, invalid: str | None = None) -> str:
         if invalid:
             raise InvalidRequest(invalid)
         raw = rt.ledger.raw(job_id) or {}
+        if rt.check_record is not None:
+            rt.check_record(raw)
         request = _decode_request(raw.get("request"), settings)
         sent, seq = rt.ledger.stream_so_far(job_id)
         work = Work(job_id=job_id, fence=claim.fence, request=request,

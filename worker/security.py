@@ -1,0 +1,140 @@
+"""The wire a worker accepts and the Redis it logs in to: signing, TLS, start-up checks.
+
+- ``configure(app, settings)``: TLS for a ``rediss://`` broker (the certificate is checked, as
+  redis-py does for the ledger; ``producer.client.broker_ssl``), and, with signing configured
+  (``VLMQ_SECURITY_KEY``, ``VLMQ_SECURITY_CERTIFICATE``, ``VLMQ_SECURITY_CERT_STORE``),
+  Celery's ``auth`` serializer: ``task_serializer="auth"``, ``accept_content=["auth"]`` and
+  ``app.setup_security()``, which also turns every other decoder off in this process. Without
+  signing the app accepts JSON only (``worker.app``). Either way a message of another content
+  type (pickle, YAML, msgpack, or unsigned JSON under signing) is refused before its body is
+  decoded, logged ("Received invalid task message ... Refusing to deserialize") and rejected
+  without requeue, i.e. dropped.
+- ``record_check(settings)``: with signing, the check ``worker.tasks`` runs on each claimed
+  record: a record not signed by a certificate in the store fails INVALID_REQUEST, unrun.
+- ``preflight(settings)``: before the model loads, the reasons this worker cannot start: signing
+  files that do not load, a ledger (or Redis broker) that refuses the credentials or whose TLS
+  certificate does not verify. A Redis that does not answer yet is only warned about (Celery and
+  the ledger client retry).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from producer.client import broker_ssl
+from producer.signing import Signer, SigningError, Verifier
+from worker.errors import InvalidRequest
+from worker.logs import redact
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("vlmq.worker")
+SIGNING_SETTINGS = ("security_key", "security_certificate", "security_cert_store")
+
+
+def _password(settings: WorkerSettings) -> str | None:
+    secret = settings.security_key_password
+    return secret.get_secret_value() if secret is not None else None
+
+
+def signing_problems(settings: WorkerSettings) -> list[str]:
+    """Signing needs all three settings; one or two alone is a mistake, not "off"."""
+    missing = [f"VLMQ_{name.upper()}" for name in SIGNING_SETTINGS if not getattr(settings, name)]
+    if settings.signing() and missing:
+        return [f"signing needs VLMQ_SECURITY_KEY, VLMQ_SECURITY_CERTIFICATE and "
+                f"VLMQ_SECURITY_CERT_STORE; missing {', '.join(missing)}"]
+    return []
+
+
+def configure(app: Any, settings: WorkerSettings) -> None:
+    """TLS options for the broker and, when configured, the signing serializer."""
+    ssl_options = broker_ssl(settings.broker())
+    if ssl_options is not None:
+        app.conf.broker_use_ssl = ssl_options
+    if not settings.signing():
+        return
+    password = _password(settings)
+    app.conf.update(
+        security_key=settings.security_key,
+        security_certificate=settings.security_certificate,
+        security_cert_store=settings.security_cert_store,
+        security_key_password=password.encode() if password else None,
+        task_serializer="auth",
+        accept_content=["auth"],
+    )
+    app.setup_security()
+
+
+def record_check(settings: WorkerSettings) -> Callable[[dict[str, str]], None] | None:
+    """With signing: a check raising InvalidRequest for a record without a trusted signature."""
+    if not settings.signing() or not settings.security_cert_store:
+        return None
+    verifier = Verifier(settings.security_cert_store)
+
+    def check(raw: dict[str, str]) -> None:
+        try:
+            verifier.verify_record(raw)
+        except SigningError as error:
+            raise InvalidRequest(f"refused: {error}; this worker runs only jobs signed by a "
+                                 "producer whose certificate is in its store") from None
+
+    return check
+
+
+def _refusal(error: redis.RedisError) -> str | None:
+    """Why Redis will never accept this client as configured, or None for a transient error."""
+    if isinstance(error, redis.AuthenticationError):
+        return f"authentication failed ({error})"
+    if isinstance(error, redis.exceptions.NoPermissionError):
+        return f"the Redis user lacks a permission ({error})"
+    cause = error.__context__ or error.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in str(error):
+        return f"the TLS certificate check failed ({error})"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS failed ({error})"
+    return None
+
+
+def _check_redis(what: str, url: str) -> str | None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        why = _refusal(error)
+        if why is not None:
+            return redact(f"the {what} {url} refused this worker: {why}")
+        log.warning("%s", redact(f"the {what} {url} does not answer yet ({error}); starting "
+                                 "anyway, it is retried"))
+    finally:
+        client.close()
+    return None
+
+
+def preflight(settings: WorkerSettings) -> list[str]:
+    """Reasons not to start: unusable signing files, Redis refusing credentials or TLS."""
+    problems: list[str] = []
+    if settings.signing() and not signing_problems(settings):
+        try:
+            own = Signer(settings.security_key or "", settings.security_certificate or "",
+                         _password(settings))
+            if not Verifier(settings.security_cert_store or "").knows(own.signer_id):
+                problems.append("signing: this worker's certificate is not in "
+                                "VLMQ_SECURITY_CERT_STORE: the messages it re-sends would be "
+                                "refused")
+            from celery.security.certificate import FSCertStore
+
+            FSCertStore(settings.security_cert_store)  # what setup_security reads (duplicates)
+        except Exception as error:  # SigningError, or Celery's SecurityError / OSError
+            problems.append(f"signing: {error}")
+    for what, url in (("ledger Redis", settings.redis_url), ("broker Redis", settings.broker())):
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            found = _check_redis(what, url)
+            if found:
+                problems.append(found)
+        if settings.broker() == settings.redis_url:
+            break
+    return problems
