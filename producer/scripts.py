@@ -34,6 +34,8 @@ local function finish(status, now, retention)
   redis.call('ZREM', 'vlmq:index:queued', redis.call('HGET', KEYS[1], 'id'))
   redis.call('ZREM', 'vlmq:index:running', redis.call('HGET', KEYS[1], 'id'))
   redis.call('ZADD', 'vlmq:index:done', now, redis.call('HGET', KEYS[1], 'id'))
+  -- entries older than the retention name records that have expired: trim them here
+  redis.call('ZREMRANGEBYSCORE', 'vlmq:index:done', '-inf', tonumber(now) - tonumber(retention))
   redis.call('EXPIRE', KEYS[1], retention)
   redis.call('EXPIRE', KEYS[2], retention)
   redis.call('EXPIRE', KEYS[1] .. ':attempts', retention)

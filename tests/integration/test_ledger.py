@@ -84,3 +84,13 @@ def test_idempotency_key_returns_the_same_job(ledger: Ledger) -> None:
     assert ledger.create("a1", request, "vlmq") == (True, "a1")
     assert ledger.create("a2", request, "vlmq") == (False, "a1")
     assert ledger.raw("a2") is None
+
+
+def test_finished_index_drops_entries_past_retention(ledger: Ledger) -> None:
+    stale = f"stale-{time.monotonic_ns()}"
+    ledger.redis.zadd(keys.TERMINAL_INDEX, {stale: time.time() - 121})  # retention is 120 s
+    job_id = new_job(ledger, "trim")
+    claim = ledger.claim(job_id, "w", 30, 3)
+    assert ledger.finish(job_id, claim.fence, JobStatus.SUCCEEDED, "done", {}, {})
+    assert ledger.redis.zscore(keys.TERMINAL_INDEX, stale) is None
+    assert ledger.redis.zscore(keys.TERMINAL_INDEX, job_id) is not None
