@@ -84,6 +84,19 @@ def assert_once(cluster: Cluster, job_id: str, attempts: int | None = None) -> A
     return result
 
 
+def sigkill_mid_job_is_recovered(cluster: Cluster, tokens: int) -> None:
+    """Two workers; the one running a long job is SIGKILLed mid-generation; the other
+    completes it: one result, attempts 2, both attempts in the history."""
+    cluster.start_worker()
+    cluster.start_worker()
+    job_id = cluster.submit(tokens)
+    cluster.started(job_id)
+    cluster.holder(job_id).stop(signal.SIGKILL)
+    result = assert_once(cluster, job_id, attempts=2)
+    assert result.usage.completion_tokens == tokens or result.finish_reason == "stop"
+    assert len(cluster.producer.redis.lrange(f"vlmq:job:{job_id}:attempts", 0, -1)) == 2
+
+
 def delete_amqp_queues(url: str, names: list[str]) -> None:
     """Delete this test's queues and their exchanges from RabbitMQ (they are durable)."""
     from kombu import Connection

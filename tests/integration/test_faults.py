@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer.keys import job_key
-from tests.integration.cluster import Cluster, assert_once
+from tests.integration.cluster import Cluster, assert_once, sigkill_mid_job_is_recovered
 
 pytestmark = pytest.mark.integration
 LONG = 1200
@@ -30,15 +29,7 @@ def cluster(tiny_paths: dict[str, str], image_server: Any,
 
 
 def test_sigkill_mid_generation_is_completed_by_another_worker(cluster: Cluster) -> None:
-    cluster.start_worker()
-    cluster.start_worker()
-    job_id = cluster.submit(LONG)
-    cluster.started(job_id)
-    cluster.holder(job_id).stop(signal.SIGKILL)
-    result = assert_once(cluster, job_id, attempts=2)
-    assert result.usage.completion_tokens == LONG or result.finish_reason == "stop"
-    history = cluster.producer.redis.lrange(job_key(job_id) + ":attempts", 0, -1)
-    assert len(history) == 2
+    sigkill_mid_job_is_recovered(cluster, LONG)
 
 
 def test_poison_job_fails_worker_lost_and_the_others_succeed(cluster: Cluster) -> None:

@@ -7,15 +7,18 @@ them afterwards."""
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kombu import Connection
 
-from producer.keys import job_key
-from tests.integration.cluster import Cluster, amqp_url, assert_once
+from tests.integration.cluster import (
+    Cluster,
+    amqp_url,
+    assert_once,
+    sigkill_mid_job_is_recovered,
+)
 from tests.integration.soak import SOAK_JOBS, check_soak, run_soak
 
 pytestmark = pytest.mark.integration
@@ -55,14 +58,7 @@ def test_job_end_to_end_over_rabbitmq(cluster: Cluster) -> None:
 
 
 def test_sigkill_mid_job_is_recovered_over_rabbitmq(cluster: Cluster) -> None:
-    cluster.start_worker()
-    cluster.start_worker()
-    job_id = cluster.submit(LONG)
-    cluster.started(job_id)
-    cluster.holder(job_id).stop(signal.SIGKILL)
-    result = assert_once(cluster, job_id, attempts=2)
-    assert result.usage.completion_tokens == LONG or result.finish_reason == "stop"
-    assert len(cluster.producer.redis.lrange(job_key(job_id) + ":attempts", 0, -1)) == 2
+    sigkill_mid_job_is_recovered(cluster, LONG)
 
 
 def test_purged_rabbitmq_queue_is_sent_again_by_the_reconciler(cluster: Cluster) -> None:

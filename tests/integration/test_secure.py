@@ -170,18 +170,22 @@ def test_wrong_or_missing_credentials_fail_clearly(secure: Secure, who: str) -> 
     assert not any(s in done.stdout + done.stderr for s in secure.secrets())
 
 
+def refused_at_start(model: str, url: str, name: str, tmp_path: Path) -> str:
+    """Start a worker that must exit 2 before serving; its log."""
+    worker = WorkerProcess(model, url, name=name, log_dir=str(tmp_path))
+    try:
+        assert worker.proc.wait(90) == 2
+    finally:
+        worker.stop()
+    return worker.log()
+
+
 @pytest.mark.parametrize("who", ["wrong password", "no password"])
 def test_worker_with_wrong_credentials_exits_at_start(
         secure: Secure, tiny_paths: dict[str, str], tmp_path: Path, who: str) -> None:
     url = (secure.url("not-it") if who == "wrong password"
            else secure.redis.url_for(tls=NO_TLS is None))
-    worker = WorkerProcess(tiny_paths["qwen2_vl"], url, name="tiny-refused",
-                           log_dir=str(tmp_path))
-    try:
-        assert worker.proc.wait(90) == 2
-    finally:
-        worker.stop()
-    log = worker.log()
+    log = refused_at_start(tiny_paths["qwen2_vl"], url, "tiny-refused", tmp_path)
     assert "vlmq-worker: cannot start: the ledger Redis" in log and "authentication failed" in log
     assert not any(s in log for s in secure.secrets()), log
 
@@ -195,13 +199,8 @@ def test_clients_without_the_ca_fail_with_a_certificate_error(
         producer.submit(prompt="hi", images=[secure.image], model=MODEL)
     done = vlmq("--redis-url", url, "stats")
     assert done.returncode == 5 and "certificate verify failed" in done.stderr, done.stderr
-    worker = WorkerProcess(tiny_paths["qwen2_vl"], url, name="tiny-untrusting",
-                           log_dir=str(tmp_path))
-    try:
-        assert worker.proc.wait(90) == 2
-    finally:
-        worker.stop()
-    assert "the TLS certificate check failed" in worker.log(), worker.log()
+    log = refused_at_start(tiny_paths["qwen2_vl"], url, "tiny-untrusting", tmp_path)
+    assert "the TLS certificate check failed" in log, log
 
 
 def test_passwords_never_reach_logs_or_cli_output(secure: Secure) -> None:
