@@ -5,6 +5,7 @@ ever printed. One Redis (a plain and a TLS port) and one signing worker serve th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -214,3 +215,21 @@ def test_passwords_never_reach_logs_or_cli_output(secure: Secure) -> None:
     for text in (done.stdout, done.stderr, stats.stdout, stats.stderr, secure.worker.log()):
         assert not any(s in text for s in secure.secrets())
     assert f"ledger {secure.url().split('://')[0]}://vlmq:***@" in secure.worker.log()
+
+
+@needs_tls
+def test_async_producer_signs_over_tls_as_the_acl_user(secure: Secure) -> None:
+    from producer.aio import AsyncProducer
+
+    async def scenario() -> None:
+        async with AsyncProducer(secure.url(), security_key=secure.key,
+                                 security_certificate=secure.cert) as aproducer:
+            job_id = await aproducer.submit(prompt="What is it?", images=[secure.image],
+                                            model=MODEL, max_new_tokens=6)
+            result = await aproducer.result(job_id, timeout=60)
+            events = [event async for event in aproducer.stream(job_id)]
+            assert "".join(event.delta for event in events) == result.text
+            record = await aproducer.redis.hgetall(f"vlmq:job:{job_id}")
+            assert record[b"signer"].startswith(b"producer ") and record[b"sig"]
+
+    asyncio.run(scenario())
