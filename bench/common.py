@@ -62,15 +62,19 @@ def jobs(images: ImageServer, count: int) -> list[dict[str, Any]]:
     return out
 
 
+def worker_env(**env: str) -> dict[str, str]:
+    """A bench worker's environment: the same torch threads as the baseline, quiet logs."""
+    return {"OMP_NUM_THREADS": str(THREADS), "VLMQ_LOG_LEVEL": "WARNING", **env}
+
+
 @contextmanager
 def service(model_path: str, name: str, **env: str) -> Any:
     """Redis + image server + one worker process; yields (producer, images, worker)."""
     from producer import Producer
 
     redis_server, images = RedisServer(), ImageServer()
-    worker_env = {"OMP_NUM_THREADS": str(THREADS), "VLMQ_LOG_LEVEL": "WARNING", **env}
     worker = WorkerProcess(model_path, redis_server.url, name=name, image_port=images.port,
-                           env=worker_env)
+                           env=worker_env(**env))
     try:
         worker.wait_ready()
         with Producer(redis_server.url) as producer:

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from bench.common import QUICK, jobs, report, service, summary
+from bench.common import QUICK, jobs, report, service, summary, worker_env
 from bench.engine_bench import burst
 from demo.servers import WorkerProcess
 from worker.tiny import tiny_model_path
@@ -58,9 +58,7 @@ def run_model(label: str, path: str, tokens: int, rounds: int) -> None:
     with service(path, "bench-stream-on") as (producer, images, worker):
         off_worker = WorkerProcess(path, worker.env["VLMQ_REDIS_URL"], name="bench-stream-off",
                                    image_port=images.port,
-                                   env={"OMP_NUM_THREADS": worker.env["OMP_NUM_THREADS"],
-                                        "VLMQ_LOG_LEVEL": "WARNING",
-                                        "VLMQ_STREAM_EVENTS": "false"})
+                                   env=worker_env(VLMQ_STREAM_EVENTS="false"))
         try:
             off_worker.wait_ready()
             burst(producer, jobs(images, 2), "bench-stream-off", 2)  # warm up
