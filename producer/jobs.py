@@ -95,7 +95,19 @@ def new_record(job_id: str, request: JobRequest, queue: str, now: float,
 
 
 def _float(value: str | None) -> float | None:
-    return float(value) if value not in (None, "") else None
+    """A timestamp field; a record written around the producer may hold garbage: None."""
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _int(value: str | None) -> int:
+    """A counter field; garbage reads as 0 until a worker resets it and fails the job."""
+    try:
+        return int(value or "0")
+    except ValueError:
+        return 0
 
 
 def parse_state(raw: dict[str, str]) -> JobState:
@@ -110,7 +122,7 @@ def parse_state(raw: dict[str, str]) -> JobState:
         started_at=_float(raw.get("started_at")),
         finished_at=_float(raw.get("finished_at")),
         deadline_at=_float(raw.get("deadline_at")),
-        attempts=int(raw.get("attempts", "0")),
+        attempts=_int(raw.get("attempts")),
         worker=raw.get("worker") or None,
         cancel_requested=raw.get("cancel") == "1",
         finish_reason=raw.get("finish_reason") or None,  # type: ignore[arg-type]

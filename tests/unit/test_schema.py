@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from producer.client import build_request
 from producer.errors import InvalidRequestError
+from producer.jobs import parse_state
 from producer.schema import JobRequest, Limits, request_json_schema
 
 PNG_URI = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
@@ -113,3 +114,12 @@ json_values = st.recursive(
 def test_any_input_gives_a_request_or_a_validation_error(data: dict[str, object]) -> None:
     with contextlib.suppress(InvalidRequestError):
         build_request(**data)  # type: ignore[arg-type]
+
+
+def test_a_record_with_garbage_counters_reads_without_crashing() -> None:
+    # a record written around the producer: status() must answer while no worker has mended it
+    state = parse_state({"id": "j1", "status": "QUEUED", "created_at": "1", "attempts": "many",
+                         "started_at": "soon"})
+    assert state.attempts == 0 and state.started_at is None
+    assert parse_state({"id": "j2", "status": "QUEUED", "created_at": "1",
+                        "attempts": "2"}).attempts == 2
