@@ -17,7 +17,7 @@ from tests.integration.test_oracle import assert_complete_stream
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-idefics3"
-LONG = 1500  # tokens: long enough to act on a job while it runs
+LONG = 4096  # tokens: the default cap, seconds of work to act on while the job runs
 
 
 def submit(producer: Any, image_server: Any, **options: Any) -> str:
@@ -132,7 +132,7 @@ def test_expiry_while_queued_loads_no_image(producer: Any, workers: Any,
 
 def test_deadline_while_running_stops_like_a_cancellation(
         producer: Any, workers: Any, image_server: Any) -> None:
-    job_id = submit(producer, image_server, max_new_tokens=LONG, ttl_s=2.0)
+    job_id = submit(producer, image_server, max_new_tokens=LONG, ttl_s=1.0)
     result = producer.result(job_id, timeout=60)
     assert producer.status(job_id).status == "EXPIRED"
     assert result.finish_reason == "deadline" and result.usage.completion_tokens < LONG
