@@ -1,5 +1,8 @@
 """The wire contract: every JSON document that crosses a process boundary.
 
+This module holds the request side (what a producer sends, and its limits); the answers
+(states, results, stream events, error codes) are in ``producer.answers`` and re-exported here.
+
 Frozen pydantic v2 models, JSON only, versioned by ``schema_version``. A producer in another
 language reads docs/PROTOCOL.md or ``vlmq schema`` (the JSON Schema of these models).
 """
@@ -10,13 +13,32 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-SCHEMA_VERSION: Literal[1] = 1
+from producer.answers import (
+    SCHEMA_VERSION,
+    ErrorCode,
+    ErrorInfo,
+    EventType,
+    FinishReason,
+    JobResult,
+    JobState,
+    JobStatus,
+    StreamEvent,
+    Timings,
+    Usage,
+    WireModel,
+)
+
+__all__ = [
+    "DEFAULT_LIMITS", "SCHEMA_VERSION", "ErrorCode", "ErrorInfo", "EventType", "FinishReason",
+    "GenerationParams", "ImagePart", "JobRequest", "JobResult", "JobState", "JobStatus",
+    "Limits", "Message", "StreamEvent", "TextPart", "Timings", "Usage", "WireModel",
+    "check_image_source", "request_json_schema",
+]
 
 
 @dataclass(frozen=True)
@@ -36,52 +58,12 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-class JobStatus(StrEnum):
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    EXPIRED = "EXPIRED"
-
-    @property
-    def terminal(self) -> bool:
-        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
-
-
-class ErrorCode(StrEnum):
-    """Stable error codes. ``retryable`` on ErrorInfo says whether trying again may help."""
-
-    INVALID_REQUEST = "INVALID_REQUEST"
-    INVALID_PROMPT = "INVALID_PROMPT"
-    PROMPT_TOO_LONG = "PROMPT_TOO_LONG"
-    IMAGE_FETCH_FAILED = "IMAGE_FETCH_FAILED"
-    IMAGE_FETCH_TIMEOUT = "IMAGE_FETCH_TIMEOUT"
-    IMAGE_NOT_FOUND = "IMAGE_NOT_FOUND"
-    IMAGE_URL_FORBIDDEN = "IMAGE_URL_FORBIDDEN"
-    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
-    IMAGE_UNSUPPORTED_FORMAT = "IMAGE_UNSUPPORTED_FORMAT"
-    IMAGE_INVALID = "IMAGE_INVALID"
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-    RESULT_STORE_FAILED = "RESULT_STORE_FAILED"
-    MODEL_ERROR = "MODEL_ERROR"
-    WORKER_LOST = "WORKER_LOST"
-    INTERNAL = "INTERNAL"
-
-
-FinishReason = Literal["stop", "length", "cancelled", "deadline"]
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TextPart(_Frozen):
+class TextPart(WireModel):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(_Frozen):
+class ImagePart(WireModel):
     type: Literal["image"]
     image: str = Field(description="http(s) URL, s3://bucket/key, or data:image/...;base64,...")
 
@@ -95,7 +77,7 @@ class ImagePart(_Frozen):
 Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class Message(_Frozen):
+class Message(WireModel):
     role: Literal["system", "user", "assistant"]
     content: list[Part] = Field(min_length=1)
 
@@ -134,7 +116,7 @@ def check_image_source(value: str) -> None:
     )
 
 
-class GenerationParams(_Frozen):
+class GenerationParams(WireModel):
     max_new_tokens: int = Field(256, ge=1)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0.0, le=10.0)
@@ -160,7 +142,7 @@ def _limits(info: ValidationInfo) -> Limits:
     return limits if isinstance(limits, Limits) else DEFAULT_LIMITS
 
 
-class JobRequest(_Frozen):
+class JobRequest(WireModel):
     """What a producer asks for. ``prompt`` + ``images`` is shorthand for one user message."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -229,80 +211,6 @@ class JobRequest(_Frozen):
             for part in message.content
             if isinstance(part, ImagePart)
         ]
-
-
-class ErrorInfo(_Frozen):
-    code: ErrorCode
-    message: str
-    retryable: bool = False
-
-
-class Usage(_Frozen):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class Timings(_Frozen):
-    """Milliseconds spent in each phase of the last attempt."""
-
-    queued_ms: float = 0.0
-    fetch_ms: float = 0.0
-    preprocess_ms: float = 0.0
-    generate_ms: float = 0.0
-    total_ms: float = 0.0
-
-
-class JobResult(_Frozen):
-    schema_version: Literal[1] = SCHEMA_VERSION
-    job_id: str
-    text: str
-    finish_reason: FinishReason
-    usage: Usage = Field(default_factory=Usage)
-    timings: Timings = Field(default_factory=Timings)
-    model: str = ""
-    worker: str = ""
-
-
-class JobState(_Frozen):
-    """The ledger's view of a job, as ``Producer.status`` returns it."""
-
-    schema_version: Literal[1] = SCHEMA_VERSION
-    job_id: str
-    status: JobStatus
-    queue: str
-    model: str | None = None
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    deadline_at: float | None = None
-    attempts: int = 0
-    worker: str | None = None
-    cancel_requested: bool = False
-    finish_reason: FinishReason | None = None
-    error: ErrorInfo | None = None
-    result_uri: str | None = None
-
-
-EventType = Literal["delta", "done", "error", "cancelled"]
-
-
-class StreamEvent(_Frozen):
-    """One event of a job's token stream. Exactly one terminal event (not ``delta``) ends it."""
-
-    schema_version: Literal[1] = SCHEMA_VERSION
-    job_id: str
-    seq: int = Field(ge=0)
-    type: EventType
-    delta: str = ""
-    tokens: int = 0
-    ts: float
-    finish_reason: FinishReason | None = None
-    usage: Usage | None = None
-    error: ErrorInfo | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.type != "delta"
 
 
 def request_json_schema() -> dict[str, Any]:
