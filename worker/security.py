@@ -86,7 +86,11 @@ def record_check(settings: WorkerSettings) -> Callable[[dict[str, str]], None] |
 
 
 def _refusal(error: redis.RedisError) -> str | None:
-    """Why Redis will never accept this client as configured, or None for a transient error."""
+    """Why Redis will never accept this client as configured, or None for a transient error.
+
+    Broader than ``producer.jobs.refused`` (which decides whether to retry a live connection):
+    at start, any TLS failure is a configuration to fix, but mid-run an ``SSLEOFError`` from a
+    restarting server is transient and must be retried."""
     if isinstance(error, redis.AuthenticationError):
         return f"authentication failed ({error})"
     if isinstance(error, redis.exceptions.NoPermissionError):
