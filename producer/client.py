@@ -194,20 +194,24 @@ class Producer(AdminMixin):
         return state
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobState:
-        """Block until the job is terminal; returns its final state."""
+        """Block until the job is terminal; returns its final state. Sleeps on the job's
+        stream and reads the record only when a terminal event arrives or the stream is quiet
+        (a second), not after every token."""
         end = None if timeout is None else time.monotonic() + timeout
-        last_id = "0-0"
+        last_id: Any = "0-0"
+        check = True
         while True:
-            state = self.status(job_id)
-            if state.status.terminal:
-                return state
+            if check:
+                state = self.status(job_id)
+                if state.status.terminal:
+                    return state
             remaining = 1.0 if end is None else end - time.monotonic()
             if remaining <= 0:
                 raise JobTimeout(f"job {job_id} still {state.status} after {timeout}s")
             block = max(1, int(min(remaining, 1.0) * 1000))
             found = self.redis.xread({keys.stream_key(job_id): last_id}, block=block, count=100)
-            for _stream, entries in found or []:
-                last_id = entries[-1][0]
+            last_id, events = new_events(found, last_id, None)
+            check = not events or events[-1].terminal
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for the job and return its result (partial text for a cancelled job).

@@ -1,6 +1,7 @@
 """Sends each decode step's stream events for the whole batch in one pipelined round trip.
 
-Runs in its own thread so generation never waits on Redis; keeps order (one FIFO queue);
+Runs in its own thread so generation never waits on Redis; when generation runs ahead, every
+step waiting is sent in the same round trip (so at most one per step); keeps order (one FIFO);
 reads back each row's cancel flag; resolves a job's future only after its last delta is written.
 """
 
@@ -47,12 +48,25 @@ class Publisher:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def _take_waiting(self) -> tuple[list[tuple[Work, Row]], list[Work], bool]:
+        """The next step and every step queued behind it (generation ran ahead of Redis):
+        their rows in order, the jobs they ended, and whether ``close`` was asked."""
+        rows: list[tuple[Work, Row]] = []
+        finished: list[Work] = []
+        item = self._queue.get()
+        while item is not None:
+            rows += item[0]
+            finished += item[1]
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return rows, finished, False
+        return rows, finished, True
+
     def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            rows, finished = item
+        closing = False
+        while not closing:
+            rows, finished, closing = self._take_waiting()
             answers = self._append_until_sent([row for _work, row in rows])
             for (work, _row), answer in zip(rows, answers, strict=True):
                 if answer in (0, 2):  # 0: someone else owns the job now; 2: cancel asked
