@@ -11,6 +11,7 @@ is refused, not applied. Allowed moves::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import ssl
 import time
@@ -167,7 +168,7 @@ class Ledger:
         self._create = client.register_script(scripts.CREATE)
         self._claim = client.register_script(scripts.CLAIM)
         self._heartbeat = client.register_script(scripts.HEARTBEAT)
-        self._append = client.register_script(scripts.APPEND)
+        self._append_sha = hashlib.sha1(scripts.APPEND.encode()).hexdigest()  # see append
         self._finish = client.register_script(scripts.FINISH)
         self._release = client.register_script(scripts.RELEASE)
         self._cancel = client.register_script(scripts.CANCEL)
@@ -218,11 +219,17 @@ class Ledger:
         event, in ONE pipelined round trip. Returns per row: 0 stale fence, 2 cancel asked, 1."""
         if not rows:
             return []
+        # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip first
         pipe = self.redis.pipeline(transaction=False)
         for job_id, fence, seq, data, tokens in rows:
-            self._append(keys=self._job_keys(job_id),
-                         args=[fence, seq, data, self.stream_maxlen, tokens], client=pipe)
-        return [int(answer) for answer in pipe.execute()]
+            pipe.evalsha(self._append_sha, 3, *self._job_keys(job_id), fence, seq, data,
+                         self.stream_maxlen, tokens)
+        try:
+            answers = pipe.execute()
+        except redis.exceptions.NoScriptError:  # a restarted Redis forgot it: load, send again
+            self.redis.script_load(scripts.APPEND)  # (appends are idempotent)
+            answers = self.append(rows)
+        return [int(answer) for answer in answers]
 
     def stream_so_far(self, job_id: str) -> tuple[str, int]:
         """Text already streamed for this job and the next seq (for a new attempt)."""

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis
 
+from demo.servers import RedisServer
 from producer import keys
 from producer.client import build_request
 from producer.jobs import Ledger
@@ -94,3 +95,29 @@ def test_finished_index_drops_entries_past_retention(ledger: Ledger) -> None:
     assert ledger.finish(job_id, claim.fence, JobStatus.SUCCEEDED, "done", {}, {})
     assert ledger.redis.zscore(keys.TERMINAL_INDEX, stale) is None
     assert ledger.redis.zscore(keys.TERMINAL_INDEX, job_id) is not None
+
+
+def test_a_step_is_one_pipelined_round_trip_and_survives_a_script_flush() -> None:
+    server = RedisServer()  # its own: the command counts below are this test's alone
+    try:
+        ledger = Ledger(redis.Redis.from_url(server.url), retention_s=120)
+        jobs = [new_job(ledger, f"step{i}") for i in range(3)]
+        fences = [ledger.claim(j, "w", lease_s=30, max_attempts=3).fence for j in jobs]
+
+        def step(seq: int) -> list[int]:
+            return ledger.append([(job_id, fence, seq, json.dumps({"seq": seq, "delta": "x"}),
+                                   seq + 1) for job_id, fence in zip(jobs, fences, strict=True)])
+
+        assert step(0) == [1, 1, 1]  # the first also loads the script
+        ledger.redis.config_resetstat()
+        for seq in range(1, 11):
+            assert step(seq) == [1, 1, 1]
+        stats = ledger.redis.info("commandstats")
+        assert "cmdstat_script" not in stats, stats  # no SCRIPT EXISTS before each step
+        assert stats["cmdstat_evalsha"]["calls"] == 30
+        ledger.redis.script_flush()  # as after a restart: the script is loaded again
+        assert step(11) == [1, 1, 1]
+        for job_id in jobs:
+            assert ledger.stream_so_far(job_id) == ("x" * 12, 12)
+    finally:
+        server.stop()
