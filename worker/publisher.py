@@ -18,6 +18,7 @@ from worker.work import Work
 log = logging.getLogger("vlmq.publisher")
 
 Row = tuple[str, int, int, str, int]
+MAX_ROWS_PER_TRIP = 512
 
 
 class Publisher:
@@ -57,6 +58,8 @@ class Publisher:
         while item is not None:
             rows += item[0]
             finished += item[1]
+            if len(rows) >= MAX_ROWS_PER_TRIP:  # far behind (Redis was away): in slices
+                return rows, finished, False
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
