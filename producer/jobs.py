@@ -95,7 +95,7 @@ def new_record(job_id: str, request: JobRequest, queue: str, now: float,
     return fields
 
 
-def _float(value: str | None) -> float | None:
+def read_time(value: str | None) -> float | None:
     """A timestamp field; a record written around the producer may hold garbage: None."""
     try:
         return float(value) if value not in (None, "") else None
@@ -120,9 +120,9 @@ def parse_state(raw: dict[str, str]) -> JobState:
         queue=raw.get("queue", keys.DEFAULT_QUEUE),
         model=raw.get("model") or None,
         created_at=float(raw["created_at"]),
-        started_at=_float(raw.get("started_at")),
-        finished_at=_float(raw.get("finished_at")),
-        deadline_at=_float(raw.get("deadline_at")),
+        started_at=read_time(raw.get("started_at")),
+        finished_at=read_time(raw.get("finished_at")),
+        deadline_at=read_time(raw.get("deadline_at")),
         attempts=_int(raw.get("attempts")),
         worker=raw.get("worker") or None,
         cancel_requested=raw.get("cancel") == "1",

@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from producer import keys
-from producer.jobs import Ledger
+from producer.jobs import Ledger, read_time
 
 log = logging.getLogger("vlmq.reconciler")
 Send = Callable[[str, str], None]  # (job_id, queue)
@@ -64,7 +64,7 @@ class Reconciler:
             if not record or record.get("status") != "RUNNING":
                 client.zrem(keys.RUNNING_INDEX, job_id)
                 continue
-            lease, sent = float(record.get("lease_until") or 0), _sent_at(record)
+            lease, sent = read_time(record.get("lease_until")) or 0.0, _sent_at(record)
             # once when the lease runs out, then once per grace period until a claim takes it
             if lease < now and (sent < lease or now - sent >= self.grace_s):
                 self._resend(job_id, record, now)
@@ -149,7 +149,7 @@ class Reconciler:
 
 
 def _sent_at(record: dict[str, str]) -> float:
-    return float(record.get("sent_at") or 0)
+    return read_time(record.get("sent_at")) or 0.0  # garbage: never sent, so sent again
 
 
 def amqp_depth(connect: Callable[[], Any]) -> Depth:

@@ -75,3 +75,14 @@ def test_amqp_depth_unknown_resends_every_stale_job(ledger: Ledger) -> None:
     sent: list[tuple[str, str]] = []
     reconciler(ledger, sent, depth=lambda _queue: None).sweep(time.time() + GRACE + 1)
     assert sorted(job_id for job_id, _queue in sent) == ids
+
+
+def test_a_record_with_garbage_times_does_not_stop_the_sweep(ledger: Ledger) -> None:
+    bad, good = create(ledger, "bad"), create(ledger, "good")
+    ledger.redis.hset(f"vlmq:job:{bad}", "sent_at", "soon")  # written around the producer
+    create(ledger, "running")
+    assert ledger.claim("running", "w-dead", lease_s=1, max_attempts=3).outcome == "claimed"
+    ledger.redis.hset("vlmq:job:running", "sent_at", "later")
+    sent: list[tuple[str, str]] = []
+    reconciler(ledger, sent, depth=None).sweep(time.time() + GRACE + 1)
+    assert sorted(job_id for job_id, _queue in sent) == [bad, good, "running"]
