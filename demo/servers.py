@@ -3,6 +3,7 @@ and vlmq-worker processes. No fakes."""
 
 from __future__ import annotations
 
+import functools
 import http.server
 import os
 import shutil
@@ -132,6 +133,7 @@ def redis_tls_missing() -> str | None:
     return None if None in why else "; ".join(str(w) for w in why) or "no redis-server"
 
 
+@functools.cache  # one probe per binary, however many TLS servers start
 def _tls_missing(binary: str) -> str | None:
     """None when this redis-server was built with TLS. (It reads its options in order and stops
     at the first it does not know, naming it: a build without TLS stops at ``tls-port``, one

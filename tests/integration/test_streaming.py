@@ -118,16 +118,14 @@ def test_cancel_mid_generation_stops_and_frees_the_worker(
 
 
 def test_waiting_reads_the_record_at_the_end_not_after_every_token(
-        redis_server: Any, workers: Any, image_server: Any) -> None:
-    from producer import Producer
-
-    with Producer(redis_server.url) as waiter:
-        reads: list[str] = []
-        read_status = waiter.status
-        waiter.status = lambda job_id: (reads.append(job_id), read_status(job_id))[1]  # type: ignore[method-assign]
-        job_id = submit(waiter, image_server, max_new_tokens=200)
-        state = waiter.wait(job_id, timeout=60)
-        events = list(waiter.stream(job_id, timeout=10))
+        producer: Any, workers: Any, image_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[str] = []
+    read_status = producer.status
+    monkeypatch.setattr(producer, "status",
+                        lambda job_id: (reads.append(job_id), read_status(job_id))[1])
+    job_id = submit(producer, image_server, max_new_tokens=200)
+    state = producer.wait(job_id, timeout=60)
+    events = list(producer.stream(job_id, timeout=10))
     assert state.status == "SUCCEEDED" and len(events) >= 20
     # once before sleeping on the stream, once at the terminal event; a quiet second (a slow
     # prefill on a loaded machine) may add a check or two, never one per token
