@@ -59,7 +59,7 @@ VOLUME ["/var/cache/huggingface"]
 USER 10001:10001
 WORKDIR /home/vlmq
 EXPOSE 9464
-# consuming, not only alive: model loaded, broker up, heartbeat recent (worker/health.py)
+# consuming, not only alive: model loaded, broker up, heartbeat recent (worker/ops/health.py)
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["vlmq-worker", "health"]
 ENTRYPOINT ["vlmq-worker"]

@@ -62,8 +62,8 @@ def speed(loaded: Any) -> float:
 
 
 def measure(path: str, quantize: str, dtype: str) -> dict[str, Any]:
-    from worker import quantize as quant
-    from worker.model import load, resolve_dtype
+    from worker.model import quantize as quant
+    from worker.model.load import load, resolve_dtype
     from worker.settings import WorkerSettings
 
     cpu = torch.device("cpu")

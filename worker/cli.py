@@ -1,7 +1,7 @@
 """`vlmq-worker`: load one model, then serve jobs from its queues (also ``python -m worker``).
 
 ``vlmq-worker health [--max-age S]`` answers (exit 0/1) whether the worker on this host is
-consuming, from the health file its heartbeat writes (``worker/health.py``)."""
+consuming, from the health file its heartbeat writes (``worker/ops/health.py``)."""
 
 from __future__ import annotations
 
@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _settings(args)
     if args.command == "health":
-        from worker.health import check
+        from worker.ops.health import check
 
         healthy, report = check(settings.health_file, args.max_age)
         print(json.dumps({"healthy": healthy, **report}))
         return 0 if healthy else 1
-    from worker.logs import setup
+    from worker.ops.logs import setup
 
     setup(settings)
     log = logging.getLogger("vlmq.worker")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         return 2
     if settings.gpus:  # one child process per GPU; the supervisor never imports torch
-        from worker.supervisor import supervise
+        from worker.ops.supervisor import supervise
 
         return supervise(settings, sys.argv[1:] if argv is None else argv, check=args.check)
     if not args.check:  # refused credentials, TLS or signing files: say so before loading
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vlmq-worker: cannot start: {problem}", file=sys.stderr)
         if refusals:
             return 2
-    from worker.model import StartupError, load  # heavy: torch + transformers
+    from worker.model.load import StartupError, load  # heavy: torch + transformers
 
     try:
         loaded = load(settings)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmq-worker: cannot start: {error}", file=sys.stderr)
         return 2
     if args.check:
-        from worker.check import smoke_generate
+        from worker.model.check import smoke_generate
 
         try:
             report = {**loaded.describe(), **smoke_generate(loaded)}
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vlmq-worker: loaded, but cannot generate: {error}", file=sys.stderr)
             return 3
         print(json.dumps(report, indent=2))
-        from worker.memory import over_watermark
+        from worker.model.memory import over_watermark
 
         over = over_watermark(settings)
         if over:
@@ -125,12 +125,12 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     from producer.jobs import Ledger, connect
     from producer.keys import TASK_GENERATE
     from worker.app import create_app, queues_for
-    from worker.engine import Engine
-    from worker.health import HealthReporter
-    from worker.media import MediaLoader
-    from worker.metrics import Metrics
-    from worker.publisher import Publisher
-    from worker.reconciler import Reconciler, amqp_depth
+    from worker.engine.publisher import Publisher
+    from worker.engine.static import Engine
+    from worker.media.loader import MediaLoader
+    from worker.ops.health import HealthReporter
+    from worker.ops.metrics import Metrics
+    from worker.ops.reconciler import Reconciler, amqp_depth
     from worker.results import ResultStore
     from worker.security import record_check
     from worker.tasks import Runtime, register
@@ -174,7 +174,7 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
         consumer=lambda: getattr(celery_worker.get("w"), "consumer", None))
     health.report()
 
-    from worker.memory import RECYCLE_EXIT, over_watermark
+    from worker.model.memory import RECYCLE_EXIT, over_watermark
 
     recycled: list[str] = []
 

@@ -29,7 +29,7 @@ import redis
 from producer.client import broker_ssl
 from producer.signing import Signer, SigningError, Verifier
 from worker.errors import InvalidRequest
-from worker.logs import redact
+from worker.ops.logs import redact
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("vlmq.worker")

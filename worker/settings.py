@@ -40,7 +40,7 @@ class WorkerSettings(BaseSettings):
     quantize: Literal["none", "int8", "int8-bnb", "nf4-bnb"] = "none"
     hostname: str | None = None
 
-    # GPU workers (worker/supervisor.py) and recycling (worker/memory.py); 0 = off
+    # GPU workers (worker/ops/supervisor.py) and recycling (worker/model/memory.py); 0 = off
     gpus: str | None = None  # "0,1" or "all": one supervised child process per GPU
     supervisor_child_device: str = "cuda:0"  # for tests only: "cpu" runs children on the CPU
     stop_grace_s: float = Field(60.0, gt=0)  # SIGTERM to children, then SIGKILL after this

@@ -20,14 +20,14 @@ from pydantic import ValidationError
 from producer import keys
 from producer.jobs import Ledger
 from producer.schema import ErrorCode, ErrorInfo, JobRequest, JobResult, JobStatus, Limits
-from worker.engine import Engine
+from worker.engine.static import Engine
+from worker.engine.work import Outcome, Work
 from worker.errors import InvalidRequest, JobError, ResultStoreFailed
-from worker.quarantine import Quarantine
+from worker.ops.quarantine import Quarantine
 from worker.settings import WorkerSettings
-from worker.work import Outcome, Work
 
 if TYPE_CHECKING:
-    from worker.metrics import Metrics
+    from worker.ops.metrics import Metrics
     from worker.results import ResultStore
 
 log = logging.getLogger("vlmq.tasks")

@@ -18,9 +18,9 @@ import torch
 
 from demo.servers import WorkerProcess
 from tests.conftest import ARCHS
-from worker import quantize
-from worker.check import smoke_generate
-from worker.model import LoadedModel, load
+from worker.model import quantize
+from worker.model.check import smoke_generate
+from worker.model.load import LoadedModel, load
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import pytest
 from demo.servers import RedisServer
 from producer.client import build_request
 from producer.jobs import Ledger, connect
-from worker.reconciler import Depth, Reconciler
+from worker.ops.reconciler import Depth, Reconciler
 
 pytestmark = pytest.mark.integration
 GRACE = 10.0

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ARCHS
 from tests.oracle import _load, oracle_text, with_images
-from worker.sanitize import PromptSanitizer
+from worker.engine.sanitize import PromptSanitizer
 
 pytestmark = pytest.mark.integration
 

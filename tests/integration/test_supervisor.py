@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from demo.servers import WorkerProcess, free_port
-from worker.memory import RECYCLE_EXIT
+from worker.model.memory import RECYCLE_EXIT
 
 pytestmark = pytest.mark.integration
 STARTED = re.compile(r"child gpu=(\S+) pid=(\d+) started \(CUDA_VISIBLE_DEVICES=(\S+)\)")

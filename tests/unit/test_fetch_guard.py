@@ -1,5 +1,5 @@
-"""worker.fetch (+ worker.addresses): the SSRF guard (refused before any connection) and a real
-loopback server."""
+"""worker.media.fetch (+ worker.media.addresses): the SSRF guard (refused before any
+connection) and a real loopback server."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from worker import addresses, fetch
-from worker.addresses import address_problem
 from worker.errors import (
     ImageFetchFailed,
     ImageFetchTimeout,
@@ -28,7 +26,9 @@ from worker.errors import (
     ImageUrlForbidden,
     JobError,
 )
-from worker.fetch import HttpFetcher
+from worker.media import addresses, fetch
+from worker.media.addresses import address_problem
+from worker.media.fetch import HttpFetcher
 from worker.settings import WorkerSettings
 
 PUBLIC = "93.184.216.34"  # a globally routable address; never actually connected to here

@@ -1,5 +1,5 @@
-"""worker.decode and worker.media: hostile images, conversions, data: URIs, retries, the cache,
-S3 sources."""
+"""worker.media.decode and worker.media.loader: hostile images, conversions, data: URIs,
+retries, the cache, S3 sources."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from hypothesis import strategies as st
 from PIL import GifImagePlugin, Image, ImageFile
 
 from tests.hostile import DISGUISED, encode, many_frame_gif, noise, png_bomb
-from worker import media
-from worker.decode import decode_image, fit_pixels
 from worker.errors import (
     ImageFetchFailed,
     ImageInvalid,
@@ -29,7 +27,9 @@ from worker.errors import (
     ImageUrlForbidden,
     JobError,
 )
-from worker.media import MediaLoader
+from worker.media import loader as media
+from worker.media.decode import decode_image, fit_pixels
+from worker.media.loader import MediaLoader
 from worker.settings import WorkerSettings
 
 CAP = 40_000_000
@@ -247,7 +247,7 @@ def test_other_schemes_are_forbidden(source: str):
 
 
 def test_importing_media_does_not_import_boto3():
-    code = "import sys, worker.media; assert 'boto3' not in sys.modules, 'boto3 imported'"
+    code = "import sys, worker.media.loader; assert 'boto3' not in sys.modules, 'boto3 imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -390,7 +390,7 @@ def test_s3_sources():
             "max_image_bytes": 4096,
         }
         loader = MediaLoader(make_settings(s3_allowed_buckets=["imgs"], **overrides))
-        from worker import s3
+        from worker.media import s3
 
         client = s3.make_client(loader.settings)
         client.create_bucket(Bucket="imgs")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker import quantize
-from worker.memory import MB, is_sticky_cuda_error, over_watermark, rss_bytes
+from worker.model import quantize
+from worker.model.memory import MB, is_sticky_cuda_error, over_watermark, rss_bytes
 from worker.settings import WorkerSettings
 
 STICKY = [

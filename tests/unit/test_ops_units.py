@@ -18,8 +18,8 @@ from producer import keys
 from producer.client import build_request
 from producer.errors import ResultUnavailable
 from producer.s3 import S3Config, split_uri
-from worker.health import check
-from worker.logs import JsonFormatter, PlainFormatter, redact
+from worker.ops.health import check
+from worker.ops.logs import JsonFormatter, PlainFormatter, redact
 
 
 def test_redact_masks_url_passwords_and_shortens_data_uris() -> None:
@@ -142,8 +142,8 @@ class _Stream:
 
 def test_metrics_batch_once_per_batch_and_first_token() -> None:
     from producer.schema import Timings, Usage
-    from worker.metrics import Metrics, first_token_at
-    from worker.work import Outcome, Work
+    from worker.engine.work import Outcome, Work
+    from worker.ops.metrics import Metrics, first_token_at
 
     metrics = Metrics()
     request = build_request(prompt="hi", images=["https://example.com/a.png"])

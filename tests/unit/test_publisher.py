@@ -6,7 +6,7 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
-from worker.publisher import MAX_ROWS_PER_TRIP, Publisher
+from worker.engine.publisher import MAX_ROWS_PER_TRIP, Publisher
 
 
 class SlowLedger:

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ARCHS
+from worker.engine.sanitize import PromptSanitizer, control_tokens
 from worker.errors import InvalidPrompt
-from worker.sanitize import PromptSanitizer, control_tokens
 
 # what each family is known to use; the sanitizer must find them without being told
 EXPECTED = {

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from worker.settings import WorkerSettings
-from worker.supervisor import (
+from worker.ops.supervisor import (
     SupervisorError,
     child_argv,
     child_env,
     discover_gpus,
     resolve_gpus,
 )
+from worker.settings import WorkerSettings
 
 SMI = """GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1b2c)
   MIG 1g.10gb     Device  0: (UUID: MIG-aa11)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from worker.textstream import TextAssembler
+from worker.engine.textstream import TextAssembler
 
 
 def byte_decode(ids: Sequence[int]) -> str:

@@ -1,6 +1,6 @@
 """Loading the model and processor, once per worker process. The only transformers import.
 
-``load`` resolves device, dtype, attention and quantization (``worker.quantize``: what to keep
+``load`` resolves device, dtype, attention and quantization (``worker.model.quantize``: what to keep
 unquantized per architecture, and a probe that the mode runs on the device) from the settings,
 refusing at start (StartupError) what cannot run, loads
 ``AutoModelForImageTextToText`` + ``AutoProcessor`` (hub id or local path) and reports what it
@@ -29,8 +29,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from worker import quantize
-from worker.memory import gpu_memory
+from worker.model import quantize
+from worker.model.memory import gpu_memory
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("vlmq.model")

@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from producer import keys
-from worker.work import Outcome, Work
+from worker.engine.work import Outcome, Work
 
 log = logging.getLogger("vlmq.metrics")
 

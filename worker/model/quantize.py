@@ -1,5 +1,5 @@
 """Quantization plans: what each ``--quantize`` mode needs, what it leaves alone, and whether it
-can run here. Builds no transformers config itself (``worker.model`` does, from the plan).
+can run here. Builds no transformers config itself (``worker.model.load`` does, from the plan).
 
 Modes: ``none``; ``int8`` (optimum-quanto weight-only int8, transformers ``QuantoConfig``);
 ``int8-bnb`` and ``nf4-bnb`` (bitsandbytes LLM.int8() and 4-bit NF4, ``BitsAndBytesConfig``).

@@ -38,37 +38,19 @@ from typing import Any
 
 import torch
 
-from producer.schema import ImagePart, JobRequest
-from worker.batching import collate, plan
-from worker.errors import JobError, ModelError, PromptTooLong, ResourceExhausted
-from worker.memory import STICKY_CUDA_EXIT, is_sticky_cuda_error
-from worker.model import LoadedModel, stopping
-from worker.publisher import Publisher
-from worker.sanitize import PromptSanitizer
+from producer.schema import JobRequest
+from worker.engine.batching import collate, plan
+from worker.engine.prompts import encode
+from worker.engine.publisher import Publisher
+from worker.engine.sanitize import PromptSanitizer
+from worker.engine.textstream import TextAssembler
+from worker.engine.work import Outcome, Work
+from worker.errors import JobError, ModelError, ResourceExhausted
+from worker.model.load import LoadedModel, stopping
+from worker.model.memory import STICKY_CUDA_EXIT, is_sticky_cuda_error
 from worker.settings import WorkerSettings
-from worker.textstream import TextAssembler
-from worker.work import Outcome, Work
 
 log = logging.getLogger("vlmq.engine")
-
-
-def chat_messages(request: JobRequest, images: list[Any],
-                  sanitizer: PromptSanitizer | None = None) -> list[dict[str, Any]]:
-    """The request's conversation in the seeds' format: images in place of their sources, and
-    text through the sanitizer (``worker.sanitize``) when one is given."""
-    pending = iter(images)
-    messages = []
-    for m, message in enumerate(request.messages):
-        content: list[dict[str, Any]] = []
-        for c, part in enumerate(message.content):
-            if isinstance(part, ImagePart):
-                content.append({"type": "image", "image": next(pending)})
-            else:
-                text = sanitizer.clean(part.text, f"messages[{m}].content[{c}].text") \
-                    if sanitizer else part.text
-                content.append({"type": "text", "text": text})
-        messages.append({"role": message.role, "content": content})
-    return messages
 
 
 class Engine:
@@ -121,18 +103,8 @@ class Engine:
         self._ready.put(work)
 
     def _encode(self, request: JobRequest, images: list[Any]) -> Any:
-        try:
-            inputs = self.loaded.processor.apply_chat_template(
-                chat_messages(request, images, self.sanitizer), add_generation_prompt=True,
-                tokenize=True, return_dict=True, return_tensors="pt")
-        except (ValueError, TypeError, KeyError, IndexError) as error:
-            raise ModelError(f"the processor rejected this request: {error}") from error
-        length = int(inputs["input_ids"].shape[1])
-        limit = self.settings.max_input_tokens
-        if length > limit:
-            raise PromptTooLong(f"the prompt is {length} tokens with its images; "
-                                f"this worker accepts at most {limit}")
-        return inputs
+        return encode(self.loaded.processor, request, images, self.sanitizer,
+                      self.settings.max_input_tokens)
 
     # -- generation (one thread) -----------------------------------------------------------
 

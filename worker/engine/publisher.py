@@ -13,7 +13,7 @@ import threading
 import time
 
 from producer.jobs import Ledger
-from worker.work import Work
+from worker.engine.work import Work
 
 log = logging.getLogger("vlmq.publisher")
 

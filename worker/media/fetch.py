@@ -9,8 +9,8 @@ Timeouts: connect (per address), read (per recv) and one total deadline that als
 the TLS handshake and servers that drip one byte at a time. Bodies are capped while reading.
 Proxy environment variables are ignored; only ``settings.fetch_proxy`` (an http:// proxy) is used.
 
-The host and address policy and the resolver are in ``worker.addresses``; the deadline-bounded,
-address-pinned connections in ``worker.sockets``.
+The host and address policy and the resolver are in ``worker.media.addresses``; the
+deadline-bounded, address-pinned connections in ``worker.media.sockets``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import ssl
 import time
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from worker.addresses import address_problem, canonical_host, host_matches, resolve_within
 from worker.errors import (
     ImageFetchFailed,
     ImageFetchTimeout,
@@ -32,8 +31,9 @@ from worker.errors import (
     ImageUrlForbidden,
     JobError,
 )
+from worker.media.addresses import address_problem, canonical_host, host_matches, resolve_within
+from worker.media.sockets import PinnedConnection
 from worker.settings import WorkerSettings
-from worker.sockets import PinnedConnection
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024

@@ -1,6 +1,6 @@
 """Which hosts and addresses the image fetcher may reach, and DNS resolution under a deadline.
 
-The address policy of ``worker.fetch``: hostname syntax (IDNA, no numeric look-alikes such as
+The address policy of ``worker.media.fetch``: hostname syntax (IDNA, no numeric look-alikes such as
 ``2130706433`` or ``0x7f.1``), allow/deny pattern matching, the blocked networks (private,
 loopback, link-local/cloud metadata, CGNAT, multicast, documentation, special-purpose; IPv4
 embedded in IPv6 judged by the embedded address), and a resolver that is asked once per hop and

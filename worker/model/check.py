@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.memory import MB, gpu_memory, rss_bytes
-from worker.model import LoadedModel
+from worker.model.load import LoadedModel
+from worker.model.memory import MB, gpu_memory, rss_bytes
 
 CHECK_TOKENS = 16
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.schema import FinishReason, JobRequest, Timings, Usage
-from worker.textstream import TextAssembler
+from worker.engine.textstream import TextAssembler
 
 
 @dataclass

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.errors import ImageInvalid, ImageTooLarge, ImageUnsupportedFormat
 
-log = logging.getLogger("vlmq.media")  # the logger name it had inside worker.media
+log = logging.getLogger("vlmq.media")  # the logger name it had inside worker.media.loader
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")

@@ -1,7 +1,7 @@
 """Image sources to RGB images: fetch (http(s), s3://, data:), decode safely, cache.
 
-``MediaLoader`` fetches with retries (``worker.fetch`` for http(s), ``worker.s3`` for s3://),
-decodes with ``worker.decode`` (hostile bytes, format allowlist, pixel caps) and caches.
+``MediaLoader`` fetches with retries (``worker.media.fetch`` for http(s), ``worker.media.s3`` for s3://),
+decodes with ``worker.media.decode`` (hostile bytes, format allowlist, pixel caps) and caches.
 Images returned by ``MediaLoader`` are new objects owned by the caller (copies or resized
 versions of the cached ones), so one job cannot change another's image.
 """
@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from worker.decode import decode_data_uri, decode_image, fit_pixels
 from worker.errors import ImageFetchTimeout, ImageUrlForbidden, JobError
-from worker.fetch import HttpFetcher
+from worker.media.decode import decode_data_uri, decode_image, fit_pixels
+from worker.media.fetch import HttpFetcher
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("vlmq.media")
@@ -233,7 +233,7 @@ class MediaLoader:
 
     def _fetch(self, source: str, deadline: float) -> bytes:
         if _scheme(source) == "s3":
-            from worker import s3  # boto3 is imported only when an s3 source is used
+            from worker.media import s3  # boto3 is imported only when an s3 source is used
 
             with self._s3_lock:
                 if self._s3_client is None:
