@@ -123,59 +123,59 @@ def _submit(producer: Producer, args: argparse.Namespace) -> int:
     return 0
 
 
+# what each error prints and the exit code it gives (README: exit codes), most specific first
+_EXITS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int, str]] = [
+    (InvalidRequestError, 2, ""),
+    ((JobNotFound, JobTimeout), 3, ""),
+    (JobFailed, 4, ""),
+    (NotAllowed, 6, ""),
+    (ResultUnavailable, 7, ""),
+    (SigningError, 8, "cannot sign: "),
+    (redis.exceptions.AuthenticationError, 5,
+     "Redis refused the credentials (authentication failed): "),
+    ((OSError, redis.exceptions.ConnectionError, kombu.exceptions.OperationalError), 5,
+     "cannot reach Redis/broker: "),
+]
+
+
+def _run(producer: Producer, args: argparse.Namespace) -> int:
+    if args.command == "submit":
+        return _submit(producer, args)
+    if args.command in admin_cli.COMMANDS:
+        return admin_cli.run(producer, args)
+    if args.command == "stream":
+        return _follow(producer, args.job_id, args.after, args.json, args.timeout)
+    if args.command == "status":
+        _print(producer.status(args.job_id).model_dump(mode="json"))
+    elif args.command == "result":
+        _print(producer.result(args.job_id, timeout=args.timeout).model_dump(mode="json"))
+    elif args.command == "cancel":
+        _print({"job_id": args.job_id, "answer": producer.cancel(args.job_id)})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "schema":
         _print(request_json_schema())
         return 0
-    redis_url = args.redis_url or os.environ.get("VLMQ_REDIS_URL", keys.DEFAULT_REDIS_URL)
-    broker_url = args.broker_url or os.environ.get("VLMQ_BROKER_URL")
-    s3 = S3Config.from_env(os.environ)  # only used for results stored in S3
     env = os.environ.get
     try:
-        with Producer(redis_url, broker_url=broker_url, s3=s3,
+        with Producer(args.redis_url or env("VLMQ_REDIS_URL", keys.DEFAULT_REDIS_URL),
+                      broker_url=args.broker_url or env("VLMQ_BROKER_URL"),
+                      s3=S3Config.from_env(os.environ),  # only for results stored in S3
                       security_key=env("VLMQ_SECURITY_KEY"),
                       security_certificate=env("VLMQ_SECURITY_CERTIFICATE"),
                       security_key_password=env("VLMQ_SECURITY_KEY_PASSWORD")) as producer:
-            if args.command == "submit":
-                return _submit(producer, args)
-            if args.command in admin_cli.COMMANDS:
-                return admin_cli.run(producer, args)
-            if args.command == "status":
-                _print(producer.status(args.job_id).model_dump(mode="json"))
-            elif args.command == "result":
-                _print(producer.result(args.job_id, timeout=args.timeout).model_dump(mode="json"))
-            elif args.command == "cancel":
-                _print({"job_id": args.job_id, "answer": producer.cancel(args.job_id)})
-            elif args.command == "stream":
-                return _follow(producer, args.job_id, args.after, args.json, args.timeout)
-            return 0
-    except InvalidRequestError as error:
-        print(f"vlmq: {error}", file=sys.stderr)
-        return 2
-    except (JobNotFound, JobTimeout) as error:
-        print(f"vlmq: {error}", file=sys.stderr)
-        return 3
-    except JobFailed as error:
-        _print(error.state.model_dump(mode="json"))
-        print(f"vlmq: {error}", file=sys.stderr)
-        return 4
-    except NotAllowed as error:
-        print(f"vlmq: {error}", file=sys.stderr)
-        return 6
-    except ResultUnavailable as error:
-        print(f"vlmq: {error}", file=sys.stderr)
-        return 7
-    except SigningError as error:
-        print(f"vlmq: cannot sign: {error}", file=sys.stderr)
-        return 8
-    except redis.exceptions.AuthenticationError as error:
-        print(f"vlmq: Redis refused the credentials (authentication failed): {error}",
-              file=sys.stderr)
-        return 5
-    except (OSError, redis.exceptions.ConnectionError, kombu.exceptions.OperationalError) as error:
-        print(f"vlmq: cannot reach Redis/broker: {error}", file=sys.stderr)
-        return 5
+            return _run(producer, args)
+    except Exception as error:
+        for kinds, code, prefix in _EXITS:
+            if isinstance(error, kinds):
+                if isinstance(error, JobFailed):
+                    _print(error.state.model_dump(mode="json"))
+                print(f"vlmq: {prefix}{error}", file=sys.stderr)
+                return code
+        raise
 
 
 if __name__ == "__main__":

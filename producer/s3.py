@@ -1,11 +1,11 @@
 """Results that workers wrote to S3: read them back, or hand out a presigned URL.
 
 A job whose record has ``result_uri`` (``s3://bucket/prefix/{job_id}.json``) keeps its JobResult
-JSON in that object instead of the record's ``result`` field. boto3 is imported here, and only
-when such a result is read (``pip install 'vlmq[s3]'``), so ``import producer`` never pulls it
-in. Endpoint, region and credentials come from ``S3Config``; left unset, boto3's standard chain
-(AWS_* environment, ~/.aws, instance roles) applies. A custom endpoint (MinIO) is addressed
-path-style.
+JSON in that object instead of the record's ``result`` field. boto3 is imported here (the one
+module of vlmq that does, for producers and workers alike), and only when a client is built
+(``pip install 'vlmq[s3]'``), so ``import producer`` never pulls it in. Endpoint, region and
+credentials come from ``S3Config``; left unset, boto3's standard chain (AWS_* environment,
+~/.aws, instance roles) applies. A custom endpoint (MinIO) is addressed path-style.
 """
 
 from __future__ import annotations
@@ -45,6 +45,28 @@ def split_uri(uri: str) -> tuple[str, str]:
     return parts.netloc, parts.path.lstrip("/")
 
 
+def s3_client(config: S3Config, **options: Any) -> Any:
+    """A boto3 S3 client for ``config`` (unset fields: boto3's standard chain), custom
+    endpoints path-style; ``options`` go to botocore's Config (timeouts, retries). The one
+    place vlmq imports boto3, lazily: ResultUnavailable when it is not installed."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise ResultUnavailable("this needs boto3: pip install 'vlmq[s3]'") from None
+    kwargs: dict[str, Any] = {}
+    if config.endpoint_url:
+        kwargs["endpoint_url"] = config.endpoint_url
+    if config.region:
+        kwargs["region_name"] = config.region
+    if config.access_key_id and config.secret_access_key:
+        kwargs["aws_access_key_id"] = config.access_key_id
+        kwargs["aws_secret_access_key"] = config.secret_access_key
+    style = "path" if config.endpoint_url else "auto"
+    return boto3.session.Session().client(
+        "s3", config=Config(s3={"addressing_style": style}, **options), **kwargs)
+
+
 class ResultReader:
     """One lazily built boto3 client per producer (boto3 clients are thread-safe)."""
 
@@ -56,24 +78,7 @@ class ResultReader:
     def client(self) -> Any:
         with self._lock:
             if self._client is None:
-                try:
-                    import boto3
-                    from botocore.config import Config
-                except ImportError:
-                    raise ResultUnavailable("this result is in S3: install boto3 "
-                                            "(pip install 'vlmq[s3]')") from None
-                config = self.config
-                kwargs: dict[str, Any] = {}
-                if config.endpoint_url:
-                    kwargs["endpoint_url"] = config.endpoint_url
-                if config.region:
-                    kwargs["region_name"] = config.region
-                if config.access_key_id and config.secret_access_key:
-                    kwargs["aws_access_key_id"] = config.access_key_id
-                    kwargs["aws_secret_access_key"] = config.secret_access_key
-                style = "path" if config.endpoint_url else "auto"
-                self._client = boto3.session.Session().client(
-                    "s3", config=Config(s3={"addressing_style": style}), **kwargs)
+                self._client = s3_client(self.config)
             return self._client
 
     def read(self, uri: str) -> JobResult:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
+from producer import sources
 from producer.answers import (
     SCHEMA_VERSION,
     ErrorCode,
@@ -87,15 +87,12 @@ class Message(WireModel):
         return [{"type": "text", "text": value}] if isinstance(value, str) else value
 
 
-_DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
-
-
 def check_image_source(value: str) -> None:
     """Raise ValueError unless ``value`` is an http(s) URL, an s3:// URI or a base64 data: URI."""
     if value.startswith("data:"):
-        match = _DATA_URI.match(value)
+        match = sources.DATA_URI.match(value)
         if not match:
-            raise ValueError("a data: URI must look like data:image/<type>;base64,<payload>")
+            raise ValueError(sources.DATA_URI_SHAPE)
         try:
             base64.b64decode(value[match.end() :], validate=True)
         except (binascii.Error, ValueError):
@@ -110,10 +107,7 @@ def check_image_source(value: str) -> None:
         if not parts.netloc or not parts.path.strip("/"):
             raise ValueError("an s3 URI must look like s3://bucket/key")
         return
-    raise ValueError(
-        f"unsupported image source scheme {parts.scheme or '(none)'!r}: "
-        "use http(s)://, s3://bucket/key or data:image/...;base64,"
-    )
+    raise ValueError(sources.unsupported_scheme(parts.scheme))
 
 
 class GenerationParams(WireModel):

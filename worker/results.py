@@ -11,7 +11,8 @@ PreconditionFailed) counts as written when it holds this job's result. Every S3 
 with exponential backoff, ``s3_result_attempts`` times in all; then the job fails with
 RESULT_STORE_FAILED, and it is never marked SUCCEEDED before its object exists.
 
-The only boto3 import on the worker side. Custom endpoints (MinIO, moto) use path-style URLs.
+The S3 client comes from ``producer.s3.s3_client`` (custom endpoints such as MinIO or moto are
+addressed path-style).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from producer import s3 as producer_s3
 from worker.errors import ResultStoreFailed
 from worker.settings import WorkerSettings
 
@@ -34,19 +34,8 @@ log = logging.getLogger("vlmq.results")
 
 def s3_client(settings: WorkerSettings) -> Any:
     """A boto3 S3 client from the settings; credentials fall back to the standard AWS chain."""
-    kwargs: dict[str, Any] = {}
-    if settings.s3_endpoint_url:
-        kwargs["endpoint_url"] = settings.s3_endpoint_url
-    if settings.s3_region:
-        kwargs["region_name"] = settings.s3_region
-    if settings.s3_access_key_id and settings.s3_secret_access_key is not None:
-        kwargs["aws_access_key_id"] = settings.s3_access_key_id
-        kwargs["aws_secret_access_key"] = settings.s3_secret_access_key.get_secret_value()
-    config = Config(
-        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
-        retries={"max_attempts": 1, "mode": "standard"},  # our own bounded retry loop below
-        connect_timeout=5, read_timeout=30)
-    return boto3.session.Session().client("s3", config=config, **kwargs)
+    return producer_s3.s3_client(settings.s3_config(), connect_timeout=5, read_timeout=30,
+                     retries={"max_attempts": 1, "mode": "standard"})  # our own retry loop
 
 
 class ResultStore:

@@ -1,6 +1,9 @@
 """WorkerSettings: every knob of a worker, read once at start (env prefix ``VLMQ_``), passed down.
 
-Nothing else in the worker reads ``os.environ``; CLI flags override the environment.
+No other worker module reads a ``VLMQ_*`` setting from ``os.environ``; CLI flags override the
+environment. Outside the settings only ``CUDA_VISIBLE_DEVICES`` is read (the GPU supervisor pins
+its children with it; ``--check`` reports it) and ``VLMQ_TINY_CACHE`` by the offline tiny-model
+builder (``worker/tiny.py``, a development tool).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from producer.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
+from producer.s3 import S3Config
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
@@ -112,6 +116,13 @@ class WorkerSettings(BaseSettings):
     health_file: str = "/tmp/vlmq-worker-health.json"
     log_level: str = "INFO"
     log_format: Literal["plain", "json"] = "plain"
+
+    def s3_config(self) -> S3Config:
+        """Endpoint, region and credentials for S3 (image sources and results)."""
+        secret = self.s3_secret_access_key
+        return S3Config(endpoint_url=self.s3_endpoint_url or None, region=self.s3_region or None,
+                        access_key_id=self.s3_access_key_id or None,
+                        secret_access_key=secret.get_secret_value() if secret else None)
 
     def served_model(self) -> str:
         return self.model_name or self.model

@@ -17,19 +17,18 @@ import base64
 import binascii
 import io
 import logging
-import re
 import threading
 import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from producer import sources
 from worker.errors import ImageInvalid, ImageTooLarge, ImageUnsupportedFormat
 
 log = logging.getLogger("vlmq.media")  # the logger name it had inside worker.media.loader
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
-_DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 _OPEN_LOCK = threading.Lock()
 
 
@@ -39,24 +38,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     ImageInvalid for empty, truncated or corrupt bytes; ImageUnsupportedFormat for anything but
     JPEG/PNG/WEBP/GIF; ImageTooLarge when the header declares more than ``max_pixels`` pixels.
     """
-    if not data:
-        raise ImageInvalid("the image is empty (zero bytes)")
-    try:
-        with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"the image declares too many pixels to decode safely: {exc}") from None
-    except UnidentifiedImageError:
-        if data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-            raise ImageInvalid("the image header is corrupt or truncated") from None
-        raise ImageUnsupportedFormat(
-            "the bytes are not a JPEG, PNG, WEBP or GIF image (other formats are refused)"
-        ) from None
-    except MemoryError:
-        raise ImageTooLarge("out of memory reading the image header") from None
-    except Exception as exc:
-        raise ImageInvalid(f"the image header does not parse: {exc}") from None
+    image = _open_header(data)
     with image:
         width, height = image.size
         if width < 1 or height < 1:
@@ -77,6 +59,28 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             log.debug("ignoring unreadable EXIF orientation: %s", exc)
             frame = image.copy()
         return _to_rgb(frame)
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """The image with only its header read; the typed error for bytes that are not one."""
+    if not data:
+        raise ImageInvalid("the image is empty (zero bytes)")
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"the image declares too many pixels to decode safely: {exc}") from None
+    except UnidentifiedImageError:
+        if data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise ImageInvalid("the image header is corrupt or truncated") from None
+        raise ImageUnsupportedFormat(
+            "the bytes are not a JPEG, PNG, WEBP or GIF image (other formats are refused)"
+        ) from None
+    except MemoryError:
+        raise ImageTooLarge("out of memory reading the image header") from None
+    except Exception as exc:
+        raise ImageInvalid(f"the image header does not parse: {exc}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -106,9 +110,9 @@ def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
 
 def decode_data_uri(source: str, max_bytes: int) -> bytes:
     """The bytes of a ``data:image/...;base64,`` URI, at most ``max_bytes`` of them."""
-    match = _DATA_URI.match(source)
+    match = sources.DATA_URI.match(source)
     if not match:
-        raise ImageUnsupportedFormat("only data:image/<type>;base64,<payload> URIs are supported")
+        raise ImageUnsupportedFormat(f"unsupported data: URI: {sources.DATA_URI_SHAPE}")
     payload = source[match.end() :]
     if len(payload) // 4 * 3 > max_bytes + 3:
         raise ImageTooLarge(f"the data: URI holds more than the {max_bytes}-byte image cap")

@@ -32,6 +32,7 @@ from worker.errors import (
     JobError,
 )
 from worker.media.addresses import address_problem, canonical_host, host_matches, resolve_within
+from worker.media.capped import read_capped
 from worker.media.sockets import PinnedConnection
 from worker.settings import WorkerSettings
 
@@ -169,15 +170,11 @@ class HttpFetcher:
         declared = (response.getheader("Content-Length") or "").strip()
         if declared.isdigit() and int(declared) > cap:
             raise ImageTooLarge(f"{url} declares {int(declared)} bytes; the cap is {cap}")
-        chunks, total = [], 0
-        while chunk := response.read(min(_CHUNK, cap + 1 - total)):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > cap:
-                raise ImageTooLarge(f"{url} sent more than the {cap}-byte image cap")
-        if declared.isdigit() and total != int(declared) and not response.chunked:
-            raise ImageFetchFailed(f"{url}: connection closed after {total} of {declared} bytes")
-        return b"".join(chunks)
+        body = read_capped(response.read, cap, what=url)
+        if declared.isdigit() and len(body) != int(declared) and not response.chunked:
+            raise ImageFetchFailed(
+                f"{url}: connection closed after {len(body)} of {declared} bytes")
+        return body
 
 
 @functools.cache

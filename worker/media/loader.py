@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
+from producer import sources
 from worker.errors import ImageFetchTimeout, ImageUrlForbidden, JobError
 from worker.media.decode import decode_data_uri, decode_image, fit_pixels
 from worker.media.fetch import HttpFetcher
@@ -123,11 +124,8 @@ class MediaLoader:
             key = "sha256:" + hashlib.sha256(data).hexdigest()
         else:
             scheme = _scheme(source)
-            if scheme not in ("http", "https", "s3"):
-                raise ImageUrlForbidden(
-                    f"unsupported image source scheme {scheme or '(none)'!r}: "
-                    "use http(s)://, s3://bucket/key or data:image/...;base64,"
-                )
+            if scheme not in sources.SCHEMES:
+                raise ImageUrlForbidden(sources.unsupported_scheme(scheme))
             key = "source:" + source
         with self._lock:
             cached = self._lookup(key)

@@ -1,15 +1,12 @@
-"""S3 access for the worker: the one module that imports boto3.
+"""S3 image sources (the client comes from ``producer.s3.s3_client``).
 
 Image sources (``s3://bucket/key``) are read here; only buckets on ``s3_allowed_buckets`` are.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -18,6 +15,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from producer.s3 import s3_client
 from worker.errors import (
     ImageFetchFailed,
     ImageFetchTimeout,
@@ -26,29 +24,17 @@ from worker.errors import (
     ImageUrlForbidden,
     JobError,
 )
+from worker.media.capped import read_capped
 from worker.settings import WorkerSettings
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
-_CHUNK = 256 * 1024
 
 
 def make_client(settings: WorkerSettings) -> Any:
     """An S3 client for ``settings`` (endpoint, region, keys; else the standard AWS chain)."""
-    secret = settings.s3_secret_access_key
-    config = Config(
-        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
-        connect_timeout=settings.fetch_connect_timeout_s,
-        read_timeout=settings.fetch_read_timeout_s,
-        retries={"max_attempts": 1, "mode": "standard"},  # MediaLoader retries, within deadlines
-    )
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url or None,
-        region_name=settings.s3_region or None,
-        aws_access_key_id=settings.s3_access_key_id or None,
-        aws_secret_access_key=secret.get_secret_value() if secret is not None else None,
-        config=config,
-    )
+    return s3_client(settings.s3_config(), connect_timeout=settings.fetch_connect_timeout_s,
+                     read_timeout=settings.fetch_read_timeout_s,
+                     retries={"max_attempts": 1, "mode": "standard"})  # MediaLoader retries
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -76,15 +62,7 @@ def fetch_object(
     ``time.monotonic()`` value), ImageFetchFailed otherwise (retryable unless a client error).
     """
     bucket, key = parse_uri(uri)
-    if not allowed_buckets:
-        raise ImageUrlForbidden(
-            f"S3 bucket {bucket!r} is not allowed: no S3 bucket is allowed for image sources; "
-            "list the buckets in VLMQ_S3_ALLOWED_BUCKETS (comma-separated)"
-        )
-    if bucket not in allowed_buckets:
-        raise ImageUrlForbidden(
-            f"S3 bucket {bucket!r} is not allowed (add it to VLMQ_S3_ALLOWED_BUCKETS)"
-        )
+    _check_bucket(bucket, allowed_buckets)
     body = None
     try:
         response = client.get_object(Bucket=bucket, Key=key)
@@ -92,15 +70,7 @@ def fetch_object(
         length = response.get("ContentLength")
         if isinstance(length, int) and length > max_bytes:
             raise ImageTooLarge(f"{uri} is {length} bytes; the cap is {max_bytes}")
-        chunks, total = [], 0
-        while chunk := body.read(min(_CHUNK, max_bytes + 1 - total)):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > max_bytes:
-                raise ImageTooLarge(f"{uri} is larger than the {max_bytes}-byte cap")
-            if deadline is not None and time.monotonic() > deadline:
-                raise ImageFetchTimeout(f"reading {uri} ran past the total fetch timeout")
-        return b"".join(chunks)
+        return read_capped(body.read, max_bytes, what=uri, deadline=deadline)
     except JobError:
         raise
     except ClientError as exc:
@@ -114,6 +84,18 @@ def fetch_object(
     finally:
         if body is not None:
             body.close()
+
+
+def _check_bucket(bucket: str, allowed_buckets: list[str]) -> None:
+    if not allowed_buckets:
+        raise ImageUrlForbidden(
+            f"S3 bucket {bucket!r} is not allowed: no S3 bucket is allowed for image sources; "
+            "list the buckets in VLMQ_S3_ALLOWED_BUCKETS (comma-separated)"
+        )
+    if bucket not in allowed_buckets:
+        raise ImageUrlForbidden(
+            f"S3 bucket {bucket!r} is not allowed (add it to VLMQ_S3_ALLOWED_BUCKETS)"
+        )
 
 
 def _client_error(exc: ClientError, uri: str) -> JobError:
