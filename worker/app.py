@@ -38,6 +38,8 @@ def check_config(settings: WorkerSettings) -> list[str]:
         problems.append("lease_s must be at least 0.6s (it is renewed every lease_s / 3)")
     if settings.requeue_grace_s < settings.lease_s:
         problems.append("requeue_grace_s must be at least lease_s")
+    if settings.result_store == "s3" and not settings.s3_result_bucket:
+        problems.append("VLMQ_RESULT_STORE=s3 needs VLMQ_S3_RESULT_BUCKET")
     return problems + signing_problems(settings)
 
 

@@ -1,0 +1,117 @@
+"""The serving process, composed: ``Service.build`` wires the parts from the settings and the
+loaded model (ledger, media, engine, publisher, results, metrics, reconciler, health, heartbeat,
+Celery app and task); ``run`` consumes until a signal stops it. Nothing here decides a job's
+fate: that is ``worker.tasks`` (one job) and the engine (many rows)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.signals import worker_ready, worker_shutting_down
+
+from producer.client import broker_queue
+from producer.jobs import Ledger, connect
+from producer.keys import TASK_GENERATE
+from worker.app import create_app, queues_for
+from worker.engine.publisher import Publisher
+from worker.engine.static import Engine
+from worker.media.loader import MediaLoader
+from worker.model.load import LoadedModel
+from worker.model.memory import RECYCLE_EXIT
+from worker.ops.health import HealthReporter
+from worker.ops.heartbeat import Heartbeat
+from worker.ops.metrics import Metrics
+from worker.ops.reconciler import Reconciler, amqp_depth
+from worker.results import ResultStore
+from worker.security import record_check
+from worker.settings import WorkerSettings
+from worker.tasks import Runtime, register
+
+log = logging.getLogger("vlmq.worker")
+
+
+@dataclass
+class Service:
+    settings: WorkerSettings
+    runtime: Runtime
+    app: Celery
+    queues: list[str]
+    health: HealthReporter
+    heartbeat: Heartbeat
+    celery_worker: dict[str, Any]  # "worker": Celery's WorkController once ``run`` builds it
+
+    @classmethod
+    def build(cls, settings: WorkerSettings, loaded: LoadedModel) -> Service:
+        worker_id = settings.hostname or f"vlmq@{socket.gethostname()}:{os.getpid()}"
+        client = connect(settings.redis_url)
+        ledger = Ledger(client, retention_s=settings.retention_s,
+                        stream_maxlen=settings.stream_maxlen)
+        media = MediaLoader(settings)
+        engine = Engine(loaded, settings, media, Publisher(ledger))
+        metrics = Metrics()
+        runtime = Runtime(settings=settings, ledger=ledger, engine=engine, worker_id=worker_id,
+                          results=ResultStore(settings), metrics=metrics,
+                          check_record=record_check(settings))
+        metrics.bind(loaded, media, lambda: len(runtime.active))
+        metrics.serve(settings.metrics_port, settings.metrics_addr)
+        log.info("worker %s: ledger %s, broker %s", worker_id, settings.redis_url,
+                 settings.broker())
+        app = create_app(settings)
+        register(app, runtime)
+        broker = settings.broker()
+        broker_redis = (redis.Redis.from_url(broker)
+                        if broker.startswith(("redis://", "rediss://", "unix://")) else None)
+        reconciler = Reconciler(
+            ledger, lambda job_id, queue: app.send_task(
+                TASK_GENERATE, args=[job_id], task_id=job_id, queue=broker_queue(queue, broker)),
+            worker_id=worker_id, interval_s=settings.reconcile_interval_s,
+            grace_s=settings.requeue_grace_s, broker=broker_redis,
+            depth=None if broker_redis is not None else amqp_depth(app.connection_for_read))
+        runtime.resend = reconciler.send
+        queues = queues_for(settings)
+        interval = min(settings.lease_s / 3, settings.reconcile_interval_s)
+        celery_worker: dict[str, Any] = {}
+        health = HealthReporter(
+            path=settings.health_file, worker_id=worker_id, model=settings.served_model(),
+            queues=queues, interval_s=interval, redis=client, broker=broker_redis,
+            consumer=lambda: getattr(celery_worker.get("worker"), "consumer", None))
+        heartbeat = Heartbeat(settings, interval, health,
+                              [runtime.heartbeat_once, reconciler.maybe_sweep])
+        return cls(settings, runtime, app, queues, health, heartbeat, celery_worker)
+
+    def run(self) -> int:
+        """Consume until stopped; the exit code says whether to start a fresh process."""
+        self.health.report()
+        self.heartbeat.start()
+        worker_shutting_down.connect(self._shutting_down, weak=False)
+        worker_ready.connect(self._ready, weak=False)
+        settings = self.settings
+        worker = self.app.Worker(
+            hostname=self.runtime.worker_id, pool="threads",
+            concurrency=settings.max_batch_size, queues=self.queues,
+            loglevel=settings.log_level.upper(), quiet=True, without_mingle=True,
+            without_gossip=True)
+        self.celery_worker["worker"] = worker
+        worker.start()
+        self.heartbeat.stop()
+        self.health.stopping = True
+        self.health.report()
+        self.runtime.engine.close()
+        return RECYCLE_EXIT if self.heartbeat.recycled else int(worker.exitcode or 0)
+
+    def _shutting_down(self, **_kwargs: Any) -> None:
+        self.health.stopping = True
+        self.runtime.drain()  # SIGTERM: hand the jobs in hand back at their next step
+
+    def _ready(self, **_kwargs: Any) -> None:  # printed whatever the log level: scripts wait
+        print(f"vlmq-worker: ready: {self.runtime.worker_id} consuming {','.join(self.queues)}",
+              file=sys.stderr, flush=True)
+        self.health.ready = True
+        self.health.report()
