@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -131,8 +132,60 @@ def test_json_logs_without_secrets_and_health_when_redis_goes(
                     changes[job_id].append(record["status"])
     assert changes == {ok: ["RUNNING", "SUCCEEDED"], bad: ["RUNNING", "FAILED"]}
 
+    assert probe(proc.metrics_port, "/livez")[0] == 200
+    eventually(lambda: probe(proc.metrics_port, "/readyz")[0] == 200, "/readyz answers 200")
+    assert probe(proc.metrics_port, "/nowhere")[0] == 404
+
     server.stop()  # Redis (ledger and broker) goes away: the worker cannot consume
     eventually(lambda: health(proc.health_file)[0] == 1, "the worker reports unhealthy")
     code, report = health(proc.health_file)
     assert "the broker does not answer" in report["problems"]
     assert report["consuming"] is False
+    status, body = probe(proc.metrics_port, "/readyz")  # the same verdict over HTTP
+    assert status == 503 and "the ledger Redis does not answer" in body["problems"]
+    assert probe(proc.metrics_port, "/livez")[0] == 200  # alive: no reason to restart it
+    eventually(lambda: "does not answer" in proc.log(), "the outage is logged")
+    time.sleep(2.0)  # more heartbeats (0.5 s apart) while Redis is away
+    proc.stop()  # SIGTERM: Celery's shutdown banner goes through the same JSON handler
+    records = [json.loads(line) for line in proc.log().splitlines() if line.strip()]
+    messages = [record["msg"] for record in records]  # every line was one JSON object
+    assert not any("Traceback" in json.dumps(record) for record in records)
+    assert sum("does not answer" in m and "ledger" in m for m in messages) == 1
+    loading = next(i for i, r in enumerate(records) if r["msg"].startswith("loading model"))
+    ready = next(i for i, r in enumerate(records) if r["msg"] == "model ready")
+    assert loading < ready and records[ready]["quantize"] == "none"
+    assert records[loading]["device"] == "cpu"
+    announce = next(r for r in records if r["msg"].startswith("vlmq-worker: ready"))
+    assert announce["level"] == "INFO" and announce["logger"] == "vlmq.announce"
+    assert any("Warm shutdown" in m for m in messages)
+
+
+def probe(port: int, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        return error.code, json.loads(body) if error.code != 404 else body.decode()
+
+
+@pytest.mark.parametrize("env, args, expected", [
+    ({"VLMQ_QUANTIZE": "int4"}, [], ["VLMQ_QUANTIZE='int4' (--quantize): Input should be"]),
+    ({"VLMQ_MAX_BATCH_SIZE": "abc"}, [], ["VLMQ_MAX_BATCH_SIZE='abc' (--max-batch-size)"]),
+    ({"VLMQ_ALLOWED_PORTS": "80,eighty"}, [], ["VLMQ_ALLOWED_PORTS='eighty': Input should"]),
+    ({}, ["--device", "gpu"], ["VLMQ_DEVICE='gpu' (--device): use auto, cpu, cuda or cuda:N"]),
+    ({"VLMQ_RESULT_STORE": "s3", "VLMQ_QUANTIZE": "int4"}, [],
+     ["VLMQ_QUANTIZE='int4'"]),
+    ({"VLMQ_RESULT_STORE": "s3"}, [], ["VLMQ_RESULT_STORE=s3 needs VLMQ_S3_RESULT_BUCKET"]),
+])
+def test_a_bad_setting_is_one_line_before_anything_loads(env: dict[str, str], args: list[str],
+                                                          expected: list[str]) -> None:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
+    full.update(env, VLMQ_MODEL="/nonexistent/model/dir")  # a load would fail differently
+    done = subprocess.run([sys.executable, "-m", "worker", *args], env=full,
+                          capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == len(expected) and "Traceback" not in done.stderr
+    for line, text in zip(lines, expected, strict=True):
+        assert line.startswith("vlmq-worker: cannot start: ") and text in line, line
