@@ -121,7 +121,7 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     import redis
     from celery.signals import worker_ready, worker_shutting_down
 
-    from producer.client import broker_queue
+    from producer.broker import broker_queue
     from producer.jobs import Ledger, connect
     from producer.keys import TASK_GENERATE
     from worker.app import create_app, queues_for
