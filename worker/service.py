@@ -16,7 +16,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
-from producer.client import broker_queue
+from producer.broker import broker_queue
 from producer.jobs import Ledger, connect
 from producer.keys import TASK_GENERATE
 from worker.app import create_app, queues_for

@@ -14,10 +14,11 @@ import pytest
 import redis
 
 from producer import JobFailed, Producer
+from producer.broker import queue_for_model
 from producer.cli import main as vlmq
 from producer.client import build_request
 from producer.errors import JobNotFound, NotAllowed
-from producer.keys import job_key, queue_for_model
+from producer.keys import job_key
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-qwen2_vl"

@@ -18,7 +18,7 @@ import yaml
 from celery import Celery
 from kombu import Connection
 
-from producer.client import broker_queue
+from producer.broker import broker_queue
 from tests.integration.test_failures import MODEL, assert_serving
 
 pytestmark = pytest.mark.integration

@@ -205,6 +205,7 @@ class Engine:
         for row in batch:
             row.deadline = min(row.deadline, cap)
             row.gen_started = row.gen_started or now
+            row.batch_size = len(batch)
             row.assembler = TextAssembler(self._decode, row.request.params.stop, row.already_sent)
             if row.cancel.is_set() or now >= row.deadline:
                 row.finish_reason = "cancelled" if row.cancel.is_set() else "deadline"
@@ -255,6 +256,7 @@ class Engine:
                 continue
             assert row.assembler is not None
             row.tokens += 1
+            row.first_token_at = row.first_token_at or now
             delta = row.assembler.push([token])
             reason = None
             if token in self.eos_ids or row.assembler.stopped:
