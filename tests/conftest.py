@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -83,4 +84,17 @@ def producer(redis_server: RedisServer) -> Iterator[object]:
     from producer import Producer
 
     with Producer(redis_server.url) as client:
+        yield client
+
+
+@pytest.fixture(params=["sync", "async"])
+def any_producer(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[object]:
+    """``Producer``, then ``AsyncProducer`` (driven from blocking code): the tests that take it
+    check that both behave the same."""
+    from producer import Producer
+    from tests.integration.blocking_async import BlockingAsyncProducer
+
+    client: Any = (Producer if request.param == "sync" else BlockingAsyncProducer)(
+        redis_server.url)
+    with client:
         yield client

@@ -33,7 +33,8 @@ def wait_for_tokens(producer: Any, job_id: str, count: int = 2) -> None:
 
 
 def test_late_midway_and_resuming_subscribers_see_everything_once(
-        producer: Any, workers: Any, image_server: Any) -> None:
+        any_producer: Any, workers: Any, image_server: Any) -> None:
+    producer = any_producer  # Producer, then AsyncProducer
     job_id = submit(producer, image_server, max_new_tokens=200)
     midway: list[Any] = []
     first_seen = threading.Event()
@@ -101,7 +102,8 @@ def test_cancel_while_queued_never_runs(producer: Any, workers: Any, image_serve
 
 
 def test_cancel_mid_generation_stops_and_frees_the_worker(
-        producer: Any, workers: Any, image_server: Any) -> None:
+        any_producer: Any, workers: Any, image_server: Any) -> None:
+    producer = any_producer  # Producer, then AsyncProducer
     job_id = submit(producer, image_server, max_new_tokens=LONG)
     wait_for_tokens(producer, job_id, 3)
     assert producer.cancel(job_id) == "requested"
@@ -132,8 +134,9 @@ def test_waiting_reads_the_record_at_the_end_not_after_every_token(
     assert 1 <= len(reads) <= 4, reads
 
 
-def test_expiry_while_queued_loads_no_image(producer: Any, workers: Any,
+def test_expiry_while_queued_loads_no_image(any_producer: Any, workers: Any,
                                             image_server: Any) -> None:
+    producer = any_producer  # Producer, then AsyncProducer
     hits: list[str] = []
     url = image_server.route("/counted-e.png", lambda h: (hits.append(h.path), h.send_error(500)))
     job_id = producer.submit(prompt="hi", images=[url], model="nobody-serves-this", ttl_s=0.3)
@@ -146,7 +149,8 @@ def test_expiry_while_queued_loads_no_image(producer: Any, workers: Any,
 
 
 def test_deadline_while_running_stops_like_a_cancellation(
-        producer: Any, workers: Any, image_server: Any) -> None:
+        any_producer: Any, workers: Any, image_server: Any) -> None:
+    producer = any_producer  # Producer, then AsyncProducer
     job_id = submit(producer, image_server, max_new_tokens=LONG, ttl_s=1.0)
     result = producer.result(job_id, timeout=60)
     assert producer.status(job_id).status == "EXPIRED"
