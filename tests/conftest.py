@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from demo.servers import ImageServer, RedisServer, WorkerProcess
+from tests.servers import ImageServer, RedisServer, WorkerProcess
 
 pytest.register_assert_rewrite("tests.integration.cluster", "tests.integration.soak")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,8 +74,7 @@ def workers(redis_server: RedisServer, image_server: ImageServer, tiny_paths: di
             proc.wait_ready()
         yield procs
     finally:
-        for proc in procs.values():
-            proc.stop()
+        WorkerProcess.stop_all(procs.values())
 
 
 @pytest.fixture()
@@ -84,3 +83,4 @@ def producer(redis_server: RedisServer) -> Iterator[object]:
 
     with Producer(redis_server.url) as client:
         yield client
+

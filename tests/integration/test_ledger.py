@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import redis
 
-from demo.servers import RedisServer
 from producer import keys
 from producer.client import build_request
 from producer.jobs import Ledger
 from producer.schema import JobStatus
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
