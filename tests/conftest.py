@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from demo.servers import ImageServer, RedisServer, WorkerProcess
+from tests.servers import ImageServer, RedisServer, WorkerProcess
 
 pytest.register_assert_rewrite("tests.integration.cluster", "tests.integration.soak")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,8 +75,7 @@ def workers(redis_server: RedisServer, image_server: ImageServer, tiny_paths: di
             proc.wait_ready()
         yield procs
     finally:
-        for proc in procs.values():
-            proc.stop()
+        WorkerProcess.stop_all(procs.values())
 
 
 @pytest.fixture()

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import redis
 
-from demo.servers import RedisServer
 from producer.client import build_request
 from producer.events import event_body, stamp
 from producer.jobs import Ledger
 from producer.replies import ClaimOutcome
 from producer.schema import JobStatus, Timings, Usage
+from tests.servers import RedisServer
 from worker.engine.work import Outcome, Work
 from worker.settings import WorkerSettings
 from worker.tasks import Runtime, run_job

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import redis
 
-from demo.servers import RedisServer
 from producer import keys
 from producer.client import build_request
 from producer.events import event_body, stamp
 from producer.jobs import Ending, Ledger
 from producer.replies import Append, Cancel, CancelOutcome, ClaimOutcome, Heartbeat
 from producer.schema import ErrorCode, ErrorInfo, JobStatus, Usage
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -10,15 +10,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from demo.servers import RedisServer, WorkerProcess
 from producer import JobFailed, Producer
+from tests.servers import RedisServer, WorkerProcess
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-qwen2_vl"
@@ -37,14 +37,6 @@ def health(health_file: str, *extra: str) -> tuple[int, dict[str, Any]]:
     done = subprocess.run([sys.executable, "-m", "worker", "health", *extra], env=env,
                           capture_output=True, text=True, timeout=60)
     return done.returncode, json.loads(done.stdout)
-
-
-def eventually(check: Callable[[], bool], what: str, limit_s: float = 60) -> None:
-    end = time.monotonic() + limit_s
-    while not check():
-        if time.monotonic() > end:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.2)
 
 
 def test_metrics_endpoint_counts_finished_jobs(producer: Producer, workers: Any,
@@ -77,7 +69,8 @@ def test_metrics_endpoint_counts_finished_jobs(producer: Producer, workers: Any,
 
 def test_health_of_a_consuming_worker(workers: Any) -> None:
     worker = workers["qwen2_vl"]
-    eventually(lambda: health(worker.health_file)[0] == 0, "the worker reports healthy")
+    eventually(lambda: health(worker.health_file)[0] == 0, interval=0.5,
+               what="the worker reports healthy")
     code, report = health(worker.health_file)
     assert report["healthy"] and report["consuming"] and report["problems"] == []
     assert report["model"] == MODEL and f"q-{MODEL}" in report["queues"]
@@ -108,7 +101,8 @@ def private_worker(tiny_paths: dict[str, str], image_server: Any,
 def test_json_logs_without_secrets_and_health_when_redis_goes(
         private_worker: Any, image_server: Any) -> None:
     server, url, proc = private_worker
-    eventually(lambda: health(proc.health_file)[0] == 0, "the worker reports healthy")
+    eventually(lambda: health(proc.health_file)[0] == 0, interval=0.5,
+               what="the worker reports healthy")
     payload = base64.b64encode(b"definitely not an image, but long enough " * 4).decode()
     with Producer(url) as producer:
         ok = producer.submit(prompt="What is it?", images=[image_server.url("/cats.png")],
@@ -133,18 +127,19 @@ def test_json_logs_without_secrets_and_health_when_redis_goes(
     assert changes == {ok: ["RUNNING", "SUCCEEDED"], bad: ["RUNNING", "FAILED"]}
 
     assert probe(proc.metrics_port, "/livez")[0] == 200
-    eventually(lambda: probe(proc.metrics_port, "/readyz")[0] == 200, "/readyz answers 200")
+    eventually(lambda: probe(proc.metrics_port, "/readyz")[0] == 200, what="/readyz answers 200")
     assert probe(proc.metrics_port, "/nowhere")[0] == 404
 
     server.stop()  # Redis (ledger and broker) goes away: the worker cannot consume
-    eventually(lambda: health(proc.health_file)[0] == 1, "the worker reports unhealthy")
+    eventually(lambda: health(proc.health_file)[0] == 1, interval=0.5,
+               what="the worker reports unhealthy")
     code, report = health(proc.health_file)
     assert "the broker does not answer" in report["problems"]
     assert report["consuming"] is False
     status, body = probe(proc.metrics_port, "/readyz")  # the same verdict over HTTP
     assert status == 503 and "the ledger Redis does not answer" in body["problems"]
     assert probe(proc.metrics_port, "/livez")[0] == 200  # alive: no reason to restart it
-    eventually(lambda: "does not answer" in proc.log(), "the outage is logged")
+    eventually(lambda: "does not answer" in proc.log(), what="the outage is logged")
     time.sleep(2.0)  # more heartbeats (0.5 s apart) while Redis is away
     proc.stop()  # SIGTERM: Celery's shutdown banner goes through the same JSON handler
     records = [json.loads(line) for line in proc.log().splitlines() if line.strip()]

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from demo.servers import WorkerProcess
 from tests.conftest import ARCHS
+from tests.servers import WorkerProcess
 from worker.model import quantize
 from worker.model.check import smoke_generate
 from worker.model.load import LoadedModel, load

@@ -14,6 +14,7 @@ import redis
 
 from producer import AsyncProducer, JobFailed
 from tests.integration.test_oracle import assert_complete_stream
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-idefics3"
@@ -70,15 +71,16 @@ def test_plain_pubsub_subscriber_gets_the_documented_json(
     pubsub.get_message(timeout=1)  # the subscribe confirmation
     job_id = submit(producer, image_server)
     received: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def terminal_received() -> bool:
         message = pubsub.get_message(timeout=1)
         if message and message["type"] == "pmessage":
             event = json.loads(message["data"])
             if event["job_id"] == job_id:
                 received.append(event)
-                if event["type"] != "delta":
-                    break
+        return bool(received) and received[-1]["type"] != "delta"
+
+    eventually(terminal_received, timeout=60, interval=0, what="the job's terminal message")
     pubsub.close()
     result = producer.result(job_id, timeout=30)
     assert [e["seq"] for e in received] == list(range(len(received)))
