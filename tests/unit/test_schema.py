@@ -82,6 +82,39 @@ def test_conversation_shape_rules() -> None:
     assert problems(messages=[{"role": "user", "content": "a"}], prompt="b")
     assert problems(messages=[])
     assert problems(messages=[{"role": "robot", "content": "hi"}])
+    assert problems(messages=[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
+    # a final assistant message is continued (the pipeline's continue_final_message)
+    request = build_request([{"role": "user", "content": "a"},
+                             {"role": "assistant", "content": "There's a pink flower"}])
+    assert request.messages is not None and request.messages[-1].role == "assistant"
+
+
+def test_prompt_parts_are_a_completion_request() -> None:
+    request = build_request(prompt_parts=["User:", {"type": "image", "image": PNG_URI},
+                                          "Describe this image.\nAssistant:"],
+                            params={"bad_words": ["<image>"], "end_tokens": ["<end_of_utterance>"],
+                                    "num_beams": 2})
+    assert request.messages is None and request.image_sources() == [PNG_URI]
+    assert [p.type for p in request.all_parts()] == ["text", "image", "text"]
+    assert request.params.num_beams == 2 and request.params.bad_words == ["<image>"]
+    assert JobRequest.model_validate_json(request.model_dump_json()) == request
+    assert problems(prompt_parts=[])
+    assert problems(prompt_parts=["x"], messages=[{"role": "user", "content": "a"}])
+    assert problems(prompt_parts=["x"], prompt="y")
+    assert problems(prompt_parts=[{"type": "image", "image": "file:///etc/passwd"}])
+    limits = Limits(max_images=1, max_text_chars=4, max_prompt_parts=3, max_bad_words=1)
+    with pytest.raises(InvalidRequestError, match="at most 1 images"):
+        build_request(prompt_parts=[{"type": "image", "image": PNG_URI}] * 2,
+                      limits=limits)
+    with pytest.raises(InvalidRequestError, match="limit 4"):
+        build_request(prompt_parts=["abc", "de"], limits=limits)
+    with pytest.raises(InvalidRequestError, match="at most 3 parts"):
+        build_request(prompt_parts=["a"] * 4, limits=limits)
+    with pytest.raises(InvalidRequestError, match="bad words"):
+        build_request(prompt_parts=["a"], params={"bad_words": ["x", "y"]}, limits=limits)
+    with pytest.raises(InvalidRequestError, match="do_sample"):
+        build_request(prompt="a", params={"num_beams": 2, "do_sample": True})
+    assert "params.num_beams" in problems(prompt="a", params={"num_beams": 0})
 
 
 def test_schema_command_prints_json_schema() -> None:
@@ -89,7 +122,7 @@ def test_schema_command_prints_json_schema() -> None:
                          capture_output=True, text=True).stdout
     doc = json.loads(out)
     assert doc == json.loads(json.dumps(request_json_schema()))
-    assert "messages" in doc["models"]["JobRequest"]["properties"]
+    assert {"messages", "prompt_parts"} <= set(doc["models"]["JobRequest"]["properties"])
 
 
 def test_import_producer_pulls_no_torch() -> None:
@@ -110,7 +143,8 @@ json_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["messages", "prompt", "images", "params", "model",
-                                        "ttl_s", "metadata", "stop", "extra"]), json_values))
+                                        "prompt_parts", "ttl_s", "metadata", "stop", "extra"]),
+                       json_values))
 def test_any_input_gives_a_request_or_a_validation_error(data: dict[str, object]) -> None:
     with contextlib.suppress(InvalidRequestError):
         build_request(**data)  # type: ignore[arg-type]

@@ -5,11 +5,15 @@ Threads:
 - a small prep pool fetches and decodes images and runs the processor for each request alone,
   so the next requests' preprocessing overlaps the current generation;
 - one generation thread takes every prepared request waiting, picks a batch (``batching.plan``:
-  greedy rows of similar length within the row, token and pixel budgets; sampling rows alone),
+  greedy rows of similar length within the row, token and pixel budgets; sampling and beam
+  search rows alone),
   joins the inputs with left padding (``batching.collate``) and runs ``model.generate``. After
   every decode step a StoppingCriteria hook decides, per row, whether it is done (EOS, stop
   string, its own max_new_tokens, cancel, deadline) and hands that step's deltas for the
-  whole batch to the publisher;
+  whole batch to the publisher. End-of-sequence is the model's EOS ids plus the row's end
+  tokens, and bad words are banned (``worker.engine.options``). Beam search (``num_beams`` > 1)
+  runs its row alone with generate's own end handling and publishes the answer once it ends
+  (the best beam is only known then);
 - one publisher thread sends each step's events in one pipelined Redis round trip, reads back
   cancel flags, and resolves a job's future once its last delta is written, so the terminal
   event (written by the task) always comes last.
@@ -40,6 +44,7 @@ import torch
 
 from producer.schema import JobRequest
 from worker.engine.batching import collate, plan
+from worker.engine.options import token_rules
 from worker.engine.prompts import encode
 from worker.engine.publisher import Publisher
 from worker.engine.sanitize import PromptSanitizer
@@ -65,6 +70,7 @@ class Engine:
         self.sanitizer = PromptSanitizer.for_processor(loaded.processor, settings.control_tokens)
         eos = loaded.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.model_type = str(getattr(loaded.model.config, "model_type", ""))
         self._ready: queue.Queue[Work | None] = queue.Queue()
         self.broken = False
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmq-prep")
@@ -94,6 +100,8 @@ class Engine:
             work.fetch_ms = (time.perf_counter() - started) * 1000
             work.pixels = sum(image.width * image.height for image in images)
             started = time.perf_counter()
+            work.rules = token_rules(self.tokenizer, work.request.params, self.model_type,
+                                     self.eos_ids)
             work.inputs = self._encode(work.request, images)
             work.prompt_tokens = int(work.inputs["input_ids"].shape[1])
             work.preprocess_ms = (time.perf_counter() - started) * 1000
@@ -216,6 +224,7 @@ class Engine:
         if len(live) < len(batch):
             batch, limits = live, [lim for w, lim in zip(batch, limits, strict=True) if w in live]
         kwargs: dict[str, Any] = {"max_new_tokens": max(limits), "do_sample": params.do_sample}
+        kwargs.update(batch[0].rules.generate_kwargs())  # rows of a batch share their bad words
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k)
@@ -231,6 +240,9 @@ class Engine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
         if len(batch) > 1 and pad_id is not None:
             kwargs["pad_token_id"] = int(pad_id)
+        if params.num_beams > 1:
+            self._beam_search(batch[0], inputs, kwargs | {"num_beams": params.num_beams})
+            return
         with torch.inference_mode():
             self.loaded.model.generate(
                 **inputs, **kwargs,
@@ -240,6 +252,33 @@ class Engine:
                 row.finish_reason = "length"
                 delta = row.assembler.finish()  # type: ignore[union-attr]
                 self.publisher.send([(row, row.event("delta", delta))], [row])
+
+    def _beam_search(self, row: Work, inputs: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """One row, ``num_beams`` beams: generate ends hypotheses on the row's end ids itself;
+        the hook only stops everything on cancel or deadline. The text goes out in one delta."""
+        def interrupted(ids: torch.LongTensor) -> torch.BoolTensor:
+            stop = row.cancel.is_set() or time.time() >= row.deadline
+            return torch.full((ids.shape[0],), stop, dtype=torch.bool,  # type: ignore[return-value]
+                              device=ids.device)
+
+        prompt = int(inputs["input_ids"].shape[1])
+        with torch.inference_mode():
+            out = self.loaded.model.generate(**inputs, **kwargs,
+                                             eos_token_id=sorted(row.rules.end_ids),
+                                             stopping_criteria=stopping(interrupted))
+        ids = [int(t) for t in out[0, prompt:].tolist()]
+        ends = [i for i, token in enumerate(ids) if token in row.rules.end_ids]
+        reason = "stop" if ends else "cancelled" if row.cancel.is_set() else \
+            "deadline" if time.time() >= row.deadline else "length"
+        ids = ids[: ends[0] + 1] if ends else ids
+        row.tokens = len(ids)
+        assert row.assembler is not None
+        delta = row.assembler.push(ids)
+        if row.assembler.stopped:
+            reason = "stop"
+        row.finish_reason = reason  # type: ignore[assignment]
+        delta += row.assembler.finish()
+        self.publisher.send([(row, row.event("delta", delta))], [row])
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -257,7 +296,7 @@ class Engine:
             row.tokens += 1
             delta = row.assembler.push([token])
             reason = None
-            if token in self.eos_ids or row.assembler.stopped:
+            if token in row.rules.end_ids or row.assembler.stopped:
                 reason = "stop"
             elif row.tokens >= limit:
                 reason = "length"
