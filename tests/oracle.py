@@ -117,3 +117,22 @@ def oracle_pipeline(path: str, messages: list[dict[str, Any]], max_new_tokens: i
     pipe = pipeline("image-text-to-text", model=path)
     outputs = pipe(text=messages, max_new_tokens=max_new_tokens, return_full_text=False)
     return str(outputs[0]["generated_text"])
+
+
+@lru_cache(maxsize=2)
+def _load_int8(path: str, skip: tuple[str, ...]) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor, QuantoConfig
+
+    config = QuantoConfig(weights="int8", modules_to_not_convert=list(skip))
+    model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=config)
+    return model.eval(), AutoProcessor.from_pretrained(path)
+
+
+def oracle_text_int8(path: str, messages: list[dict[str, Any]], max_new_tokens: int,
+                     skip: tuple[str, ...]) -> str:
+    """The guide's int8 flow: ``QuantoConfig(weights="int8")`` at load (keeping the modules
+    the worker keeps, ``skip``), apply_chat_template, greedy generate, the new text."""
+    model, processor = _load_int8(path, skip)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    return _generate_new_text(model, processor, inputs, max_new_tokens=max_new_tokens)[0]

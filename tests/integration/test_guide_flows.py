@@ -5,7 +5,9 @@ same tiny checkpoint (``tests/oracle.py``).
 IDEFICS guide (tiny IDEFICS v1): captioning, prompted captioning, few-shot, VQA,
 classification, batch of three, instruct conversation (end of utterance, bad words), the story
 with ``num_beams=2``. Image-text-to-text guide: the pipeline's continued assistant message
-(LLaVA, SmolVLM), and a raw completion prompt on a chat-template model (Qwen2-VL). The jobs of
+(LLaVA, SmolVLM), the int8 flow (Qwen3-VL, quanto), and a raw completion prompt on a
+chat-template model (Qwen2-VL); its one-image, two-image, multi-turn and streaming flows are in
+``test_oracle.py``. The jobs of
 a checkpoint are submitted together to one module-scoped worker, so they also batch.
 """
 
@@ -26,6 +28,7 @@ from tests.oracle import (
     oracle_idefics_instruct,
     oracle_pipeline,
     oracle_text,
+    oracle_text_int8,
     with_images,
 )
 
@@ -246,3 +249,38 @@ def test_completion_on_a_chat_template_model(producer: Any, flow_workers: Any,
     text = f"Picture one: {marker} and two: {marker} show"
     pictures = [decode_image(images[p["image"]]) for p in parts if isinstance(p, dict)]
     assert result.text == oracle_completion(path, text, pictures, 16) and result.text.strip()
+
+
+def test_int8_flow_matches_the_guides_quanto_code(redis_server: Any, image_server: Any,
+                                                  producer: Any, tmp_path: Any) -> None:
+    """The guide's int8 flow (Qwen3-VL, ``QuantoConfig(weights="int8")``) through a worker
+    started with ``VLMQ_QUANTIZE=int8``: one image and two images, equal to the guide's code
+    loading the same modules quantized (the worker keeps ``lm_head`` and the vision merger)."""
+    from worker.model import quantize
+    from worker.tiny import tiny_model_path
+
+    path = str(tiny_model_path("qwen3_vl"))
+    skip = tuple(quantize.plan("int8", "qwen3_vl").skip or ())
+    worker = WorkerProcess(path, redis_server.url, name="flows-int8-qwen3_vl",
+                           image_port=image_server.port, log_dir=str(tmp_path),
+                           env={"VLMQ_QUANTIZE": "int8"})
+    url, images = image_server.url, served(image_server)
+    def user(*parts: Any) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": list(parts)}]
+
+    conversations = [
+        user(img(url("/cats.png")), {"type": "text", "text": "What do we see in this image?"}),
+        user(img(url("/cats.png")), img(url("/bee.jpg")),
+             {"type": "text", "text": "What do you see in these images?"}),
+    ]
+    try:
+        worker.wait_ready()
+        jobs = [producer.submit(m, model="flows-int8-qwen3_vl", max_new_tokens=20)
+                for m in conversations]
+        for job_id, messages in zip(jobs, conversations, strict=True):
+            result = producer.result(job_id, timeout=180)
+            expected = oracle_text_int8(path, with_images(messages, images), 20, skip)
+            assert result.text == expected and result.text.strip()
+        assert "'quantize': 'int8'" in worker.log()
+    finally:
+        worker.stop()
