@@ -7,6 +7,7 @@ import contextlib
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -157,3 +158,26 @@ def test_a_record_with_garbage_counters_reads_without_crashing() -> None:
     assert state.attempts == 0 and state.started_at is None
     assert parse_state({"id": "j2", "status": "QUEUED", "created_at": "1",
                         "attempts": "2"}).attempts == 2
+
+
+def test_cli_submits_prompt_parts_and_token_options(tmp_path: Any) -> None:
+    from producer import cli
+
+    parts = tmp_path / "parts.json"
+    parts.write_text(json.dumps([{"type": "image", "image": PNG_URI}, "This is an image of "]))
+    sent: list[JobRequest] = []
+
+    class Recorder:
+        def submit(self, messages: Any = None, **options: Any) -> str:
+            sent.append(build_request(messages, **options))
+            return "job-1"
+
+    args = cli._parser().parse_args(["submit", "--parts", str(parts), "--bad-word", "<image>",
+                                     "--end-token", "<end_of_utterance>", "--num-beams", "2",
+                                     "--max-new-tokens", "9"])
+    assert cli._submit(Recorder(), args) == 0  # type: ignore[arg-type]
+    request = sent[0]
+    assert request.messages is None and request.image_sources() == [PNG_URI]
+    assert request.params.bad_words == ["<image>"] and request.params.num_beams == 2
+    assert request.params.end_tokens == ["<end_of_utterance>"]
+    assert request.params.max_new_tokens == 9
