@@ -12,8 +12,8 @@ Threads:
   string, its own max_new_tokens, cancel, deadline) and hands that step's deltas for the
   whole batch to the publisher. End-of-sequence is the model's EOS ids plus the row's end
   tokens, and bad words are banned (``worker.engine.options``). Beam search (``num_beams`` > 1)
-  runs its row alone with generate's own end handling and publishes the answer once it ends
-  (the best beam is only known then);
+  runs its row alone (``worker.engine.beams``) and publishes the answer once it ends (the best
+  beam is only known then);
 - one publisher thread sends each step's events in one pipelined Redis round trip, reads back
   cancel flags, and resolves a job's future once its last delta is written, so the terminal
   event (written by the task) always comes last.
@@ -44,6 +44,7 @@ import torch
 
 from producer.schema import JobRequest
 from worker.engine.batching import collate, plan
+from worker.engine.beams import beam_search
 from worker.engine.options import token_rules
 from worker.engine.prompts import encode
 from worker.engine.publisher import Publisher
@@ -240,8 +241,11 @@ class Engine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
         if len(batch) > 1 and pad_id is not None:
             kwargs["pad_token_id"] = int(pad_id)
-        if params.num_beams > 1:
-            self._beam_search(batch[0], inputs, kwargs | {"num_beams": params.num_beams})
+        if params.num_beams > 1:  # alone (batching.plan); the text goes out when it ends
+            row = batch[0]
+            delta = beam_search(self.loaded.model, row, inputs,
+                                kwargs | {"num_beams": params.num_beams})
+            self.publisher.send([(row, row.event("delta", delta))], [row])
             return
         with torch.inference_mode():
             self.loaded.model.generate(
@@ -252,33 +256,6 @@ class Engine:
                 row.finish_reason = "length"
                 delta = row.assembler.finish()  # type: ignore[union-attr]
                 self.publisher.send([(row, row.event("delta", delta))], [row])
-
-    def _beam_search(self, row: Work, inputs: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        """One row, ``num_beams`` beams: generate ends hypotheses on the row's end ids itself;
-        the hook only stops everything on cancel or deadline. The text goes out in one delta."""
-        def interrupted(ids: torch.LongTensor) -> torch.BoolTensor:
-            stop = row.cancel.is_set() or time.time() >= row.deadline
-            return torch.full((ids.shape[0],), stop, dtype=torch.bool,  # type: ignore[return-value]
-                              device=ids.device)
-
-        prompt = int(inputs["input_ids"].shape[1])
-        with torch.inference_mode():
-            out = self.loaded.model.generate(**inputs, **kwargs,
-                                             eos_token_id=sorted(row.rules.end_ids),
-                                             stopping_criteria=stopping(interrupted))
-        ids = [int(t) for t in out[0, prompt:].tolist()]
-        ends = [i for i, token in enumerate(ids) if token in row.rules.end_ids]
-        reason = "stop" if ends else "cancelled" if row.cancel.is_set() else \
-            "deadline" if time.time() >= row.deadline else "length"
-        ids = ids[: ends[0] + 1] if ends else ids
-        row.tokens = len(ids)
-        assert row.assembler is not None
-        delta = row.assembler.push(ids)
-        if row.assembler.stopped:
-            reason = "stop"
-        row.finish_reason = reason  # type: ignore[assignment]
-        delta += row.assembler.finish()
-        self.publisher.send([(row, row.event("delta", delta))], [row])
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
