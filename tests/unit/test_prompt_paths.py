@@ -133,3 +133,17 @@ def test_idefics_rows_collate_on_both_axes_of_the_image_mask() -> None:
     assert batch["image_attention_mask"].tolist() == [
         [[0, 0], [0, 0], [0, 0], [1, 0], [1, 0]],
         [[0, 0], [1, 0], [0, 1], [0, 1], [0, 1]]]
+
+
+def test_a_text_only_idefics_row_joins_image_rows() -> None:
+    # the processor gives a text-only prompt one blank image and an all-False (bool) mask
+    text = {"input_ids": torch.tensor([[1, 3]]), "attention_mask": torch.ones(1, 2),
+            "pixel_values": torch.zeros(1, 1, 3, 4, 4),
+            "image_attention_mask": torch.zeros(1, 2, 1, dtype=torch.bool)}
+    image = {"input_ids": torch.tensor([[1, 5, 5, 3]]), "attention_mask": torch.ones(1, 4),
+             "pixel_values": torch.ones(1, 2, 3, 4, 4),
+             "image_attention_mask": torch.tensor([[[0, 0], [1, 0], [0, 1], [0, 1]]])}
+    batch = collate([text, image], pad_id=0)
+    assert batch["image_attention_mask"].dtype == torch.int64
+    assert batch["image_attention_mask"][0].sum() == 0
+    assert batch["pixel_values"].shape == (2, 2, 3, 4, 4)
