@@ -114,6 +114,8 @@ def test_token_rules_add_the_architecture_defaults() -> None:
                                               end_tokens=["\u2581cat"]), "idefics", [2])
     assert rules.bad_words_ids == ((5,), (6,), (8,))
     assert rules.end_ids == frozenset({2, 7, 9})
+    completion = token_rules(tok, GenerationParams(), "idefics", [2], chat=False)
+    assert completion.end_ids == frozenset({2}) and completion.bad_words_ids == ((5,), (6,))
     assert rules.generate_kwargs() == {"bad_words_ids": [[5], [6], [8]]}
     with pytest.raises(InvalidPrompt, match="'dog' is 3 tokens"):
         token_rules(tok, GenerationParams(end_tokens=["dog"]), "idefics", [2])

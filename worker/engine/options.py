@@ -4,7 +4,9 @@ defaults of its model's architecture, turned into token ids with the loaded toke
 Per-architecture defaults (by ``config.model_type``), from the IDEFICS guide:
 - ``idefics``: ``<image>`` and ``<fake_token_around_image>`` are banned (the guide passes them as
   ``bad_words_ids`` to every ``generate``: the model would otherwise emit image tokens), and
-  ``<end_of_utterance>`` ends the answer (the instruct models' ``exit_condition``).
+  ``<end_of_utterance>`` ends the answer to a conversation (``messages``: the instruct prompt;
+  the guide's ``exit_condition``), not a completion (``prompt_parts``: the guide's base-model
+  flows end on the model's EOS only; add it with ``end_tokens`` there if wanted).
 A request's lists add to these. Bad words go to ``generate`` as ``bad_words_ids`` (one id
 sequence per word: ``tokenizer(words, add_special_tokens=False).input_ids``, as the guide
 builds them); end tokens join the model's end-of-sequence ids in the engine's own end-of-row
@@ -68,8 +70,9 @@ def _known(tokenizer: Any, tokens: Iterable[str]) -> list[str]:
 
 
 def token_rules(tokenizer: Any, params: GenerationParams, model_type: str,
-                eos_ids: Iterable[int]) -> TokenRules:
-    """The request's bad words and end tokens (with the architecture's defaults) as ids."""
+                eos_ids: Iterable[int], chat: bool = True) -> TokenRules:
+    """The request's bad words and end tokens (with the architecture's defaults; the default
+    end tokens only for a conversation, ``chat``) as ids."""
     defaults = _known(tokenizer, DEFAULT_BAD_WORDS.get(model_type, ()))
     words = _unique([*defaults, *params.bad_words])
     bad: tuple[tuple[int, ...], ...] = ()
@@ -77,7 +80,8 @@ def token_rules(tokenizer: Any, params: GenerationParams, model_type: str,
         encoded = tokenizer(words, add_special_tokens=False).input_ids
         bad = tuple(tuple(int(i) for i in ids) for ids in encoded if ids)
     ends = set(eos_ids)
-    ends_given = [*_known(tokenizer, DEFAULT_END_TOKENS.get(model_type, ())), *params.end_tokens]
+    defaults = _known(tokenizer, DEFAULT_END_TOKENS.get(model_type, ())) if chat else []
+    ends_given = [*defaults, *params.end_tokens]
     for token in _unique(ends_given):
         ends.add(end_token_id(tokenizer, token))
     return TokenRules(bad, frozenset(ends))

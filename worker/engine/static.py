@@ -102,7 +102,7 @@ class Engine:
             work.pixels = sum(image.width * image.height for image in images)
             started = time.perf_counter()
             work.rules = token_rules(self.tokenizer, work.request.params, self.model_type,
-                                     self.eos_ids)
+                                     self.eos_ids, chat=work.request.messages is not None)
             work.inputs = self._encode(work.request, images)
             work.prompt_tokens = int(work.inputs["input_ids"].shape[1])
             work.preprocess_ms = (time.perf_counter() - started) * 1000
