@@ -27,7 +27,7 @@ from producer.schema import DEFAULT_LIMITS, JobRequest, JobResult, JobState, Job
 from producer.steps import Blocking, Emit, Op
 
 _PARAM_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
-                "repetition_penalty", "seed", "stop")
+                "repetition_penalty", "seed", "stop", "bad_words", "end_tokens", "num_beams")
 
 
 def build_request(

@@ -10,6 +10,7 @@ from typing import Any
 
 from producer.events import event_body, stamp
 from producer.schema import EventType, FinishReason, JobRequest, Timings, Usage
+from worker.engine.options import TokenRules
 from worker.engine.textstream import TextAssembler
 
 
@@ -41,6 +42,7 @@ class Work:
     inputs: Any = None
     prompt_tokens: int = 0
     pixels: int = 0
+    rules: TokenRules = field(default_factory=TokenRules)  # bad words and end ids, resolved
     fetch_ms: float = 0.0
     preprocess_ms: float = 0.0
     gen_started: float = 0.0
