@@ -21,7 +21,7 @@ from producer.admin import AdminCore
 from producer.broker import Broker, queue_for_model
 from producer.errors import InvalidRequestError, JobFailed, JobTimeout, ResultUnavailable
 from producer.records import LedgerConfig
-from producer.replies import CancelOutcome
+from producer.replies import CancelOutcome, parse_result, parse_state
 from producer.s3 import ResultReader
 from producer.schema import DEFAULT_LIMITS, JobRequest, JobResult, JobState, JobStatus, Limits
 from producer.steps import Blocking, Emit, Op
@@ -104,8 +104,8 @@ class ClientCore(AdminCore):
         FAILED job, and an EXPIRED one without a partial result."""
         yield from self.wait(job_id, timeout)
         raw = (yield from records.raw(job_id)) or {}
-        state = records.parse_state(raw)
-        found = records.parse_result(raw)
+        state = parse_state(raw)
+        found = parse_result(raw)
         if found is None and state.result_uri and state.status != JobStatus.FAILED:
             found = yield Blocking(functools.partial(self.s3.read, state.result_uri))
         if found is None or state.status == JobStatus.FAILED:

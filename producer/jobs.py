@@ -27,10 +27,18 @@ from producer.records import (
     LedgerConfig,
     Row,
     new_record,
+)
+from producer.replies import (
+    Cancel,
+    Claim,
+    Commit,
+    Created,
+    Heartbeat,
+    Retry,
     parse_result,
     parse_state,
+    read_time,
 )
-from producer.replies import Cancel, Claim, Commit, Created, Heartbeat, Retry, read_time
 from producer.schema import JobRequest, JobState, StreamEvent
 from producer.steps import Op
 from producer.transport import connect, refused, run
