@@ -29,6 +29,7 @@ from producer.records import (
     new_record,
 )
 from producer.replies import (
+    Append,
     Cancel,
     Claim,
     Commit,
@@ -84,7 +85,7 @@ class Ledger:
     def heartbeat(self, job_id: str, fence: int, lease_s: float) -> Heartbeat:
         return self.run(records.heartbeat(job_id, fence, lease_s))
 
-    def append(self, rows: list[Row]) -> list[int]:
+    def append(self, rows: list[Row]) -> list[Append]:
         """For each (job_id, fence, seq, event JSON or '', tokens) row, append and publish the
         event, in ONE pipelined round trip. Per row: ``replies.Append`` values."""
         return self.run(records.append(self.config, rows))

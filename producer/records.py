@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from producer import keys, scripts
 from producer.events import event_body, new_events, parse_event
 from producer.replies import (
+    Append,
     Cancel,
     Claim,
     Commit,
@@ -166,7 +167,7 @@ def heartbeat(job_id: str, fence: int, lease_s: float) -> Op[Heartbeat]:
 Row = tuple[str, int, int, str, int]  # job id, fence, seq, event JSON or '', tokens
 
 
-def append(cfg: LedgerConfig, rows: list[Row]) -> Op[list[int]]:
+def append(cfg: LedgerConfig, rows: list[Row]) -> Op[list[Append]]:
     """Append and publish each row's event (none: a cancel check) in ONE round trip. Safe to
     send again: an event whose seq is already in the stream is skipped."""
     if not rows:
@@ -175,7 +176,7 @@ def append(cfg: LedgerConfig, rows: list[Row]) -> Op[list[int]]:
         Eval(scripts.APPEND, tuple(keys.job_keys(job_id)),
              (fence, seq, data, cfg.stream_maxlen, tokens))
         for job_id, fence, seq, data, tokens in rows))
-    return [int(reply) for reply in replies]
+    return [Append(int(reply)) for reply in replies]
 
 
 def finish(cfg: LedgerConfig, job_id: str, fence: int, ending: Ending) -> Op[Commit]:
