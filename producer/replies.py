@@ -12,7 +12,7 @@ from producer.answers import ErrorInfo, JobResult, JobState, JobStatus
 
 
 def text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def read_time(value: str | None) -> float | None:
