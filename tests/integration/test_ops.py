@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -92,7 +93,7 @@ def private_worker(tiny_paths: dict[str, str], image_server: Any,
         proc.wait_ready()
         yield server, url, proc
     finally:
-        proc.stop()
+        proc.stop(signal.SIGKILL)  # its Redis is gone: nothing to shut down cleanly
         server.stop()
 
 
