@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", help="ledger Redis (default redis://localhost:6379/0)")
     parser.add_argument("--broker-url", help="Celery broker, if not the ledger Redis")
     parser.add_argument("--max-batch-size", type=int, help="jobs in hand at once (default 8)")
+    parser.add_argument("--scheduler", choices=["static", "continuous"],
+                        help="continuous (default): jobs join and leave the running batch at "
+                             "every decode step; static: one generate per batch")
     parser.add_argument("--hostname", help="worker id shown in results (default vlmq@host:pid)")
     parser.add_argument("--log-level", help="DEBUG | INFO | WARNING (default INFO)")
     parser.add_argument("--check", action="store_true",
@@ -54,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> WorkerSettings:
     names = ("model", "device", "dtype", "queue", "redis_url", "broker_url", "max_batch_size",
-             "hostname", "log_level", "quantize", "attn", "gpus")
+             "hostname", "log_level", "quantize", "attn", "gpus", "scheduler")
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     return WorkerSettings(**overrides)
 
@@ -125,8 +128,8 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     from producer.jobs import Ledger, connect
     from producer.keys import TASK_GENERATE
     from worker.app import create_app, queues_for
+    from worker.engine.continuous import create_engine
     from worker.engine.publisher import Publisher
-    from worker.engine.static import Engine
     from worker.media.loader import MediaLoader
     from worker.ops.health import HealthReporter
     from worker.ops.metrics import Metrics
@@ -144,7 +147,7 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
     client = connect(settings.redis_url)
     ledger = Ledger(client, retention_s=settings.retention_s, stream_maxlen=settings.stream_maxlen)
     media = MediaLoader(settings)
-    engine = Engine(loaded, settings, media, Publisher(ledger))
+    engine = create_engine(loaded, settings, media, Publisher(ledger))
     metrics = Metrics()
     runtime = Runtime(settings=settings, ledger=ledger, engine=engine, worker_id=worker_id,
                       results=ResultStore(settings), metrics=metrics,
