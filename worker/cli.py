@@ -209,7 +209,10 @@ def serve(settings: WorkerSettings, loaded: Any, log: logging.Logger) -> int:
         health.ready = True
         health.report()
 
-    worker = app.Worker(hostname=worker_id, pool="threads", concurrency=settings.max_batch_size,
+    # continuous: twice the rows in hand, so jobs are claimed and prepared while the batch is
+    # full and join it the step a row leaves (worker/app.py)
+    threads = settings.max_batch_size * (2 if settings.scheduler == "continuous" else 1)
+    worker = app.Worker(hostname=worker_id, pool="threads", concurrency=threads,
                         queues=queues, loglevel=settings.log_level.upper(), quiet=True,
                         without_mingle=True, without_gossip=True)
     celery_worker["w"] = worker
