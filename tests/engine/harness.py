@@ -102,3 +102,18 @@ def oracle_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def wait(future: Future[Any], timeout: float = 120) -> Any:
     return future.result(timeout=timeout)
+
+
+class HookedModel:
+    """The model, calling ``before(inputs)`` ahead of each forward (swap it into an engine with
+    ``dataclasses.replace(engine.loaded, model=...)``)."""
+
+    def __init__(self, model: Any, before: Any) -> None:
+        self.model, self.before = model, before
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, **inputs: Any) -> Any:
+        self.before(inputs)
+        return self.model(**inputs)

@@ -127,3 +127,41 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch() -> None:
     assert outcomes[0].text == oracle_text(path, oracle_messages(greedy), 12,
                                            repetition_penalty=1.5)
     assert engine.joins >= 1
+
+
+def test_a_cancelled_row_ends_within_one_step_and_an_expired_one_before_it_runs() -> None:
+    import dataclasses
+    import time
+
+    from tests.engine.harness import HookedModel
+
+    arch = "llava"
+    path = str(tiny_model_path(arch))
+    messages = message([url("cats")], "Describe this image in great detail, please.")
+    engine, ledger = make_engine(arch)
+    job = work(messages, max_new_tokens=LONG)
+    steps: list[int] = []
+
+    def cancel_on_fifth_step(inputs: dict[str, Any]) -> None:
+        if inputs["input_ids"].shape[1] == 1:  # a decode step (the prefill gives token 1)
+            steps.append(1)
+            if len(steps) == 5:
+                job.cancel.set()  # as the streamer or the heartbeat sets it
+
+    engine.loaded = dataclasses.replace(
+        engine.loaded, model=HookedModel(engine.loaded.model, cancel_on_fifth_step))
+    try:
+        outcome = wait(engine.submit(job))
+        expired = work(messages, max_new_tokens=8)
+        expired.deadline = time.time() - 1
+        late = wait(engine.submit(expired))
+    finally:
+        engine.close()
+    ids = oracle_ids(path, oracle_messages(messages), 6)
+    assert len(ids) == 6, "the oracle ends early: pick another prompt"
+    assert outcome.finish_reason == "cancelled"
+    assert outcome.usage.completion_tokens == 6  # the token of the step that saw the flag
+    assert outcome.text == oracle_decode(path, ids)
+    assert_stream(ledger, job, outcome.text)
+    assert late.finish_reason == "deadline" and late.usage.completion_tokens == 0
+    assert not ledger.events(expired.job_id)

@@ -9,8 +9,11 @@ position plus the row's ``rope_delta``), so padding never shifts a row's positio
 
 ``extras`` carries further per-row tensors whose dim 0 is the row and dim 1 the cache
 position (say, an image attention mask of shape (B, T, n_images)): they are left-padded on
-dim 1 with the mask, zero-padded on the right of any later dim, and selected with the rows.
-A model step that needs them reads them in ``decode_inputs``' caller.
+dim 1 with the mask, zero-padded on the right of any later dim, extended by repeating their
+last position at each step, and selected with the rows. ``per_row`` carries tensors whose
+dim 0 is the row and that have no cache axis (say, image hidden states (B, n, S, D)): zero-
+padded on the right of later dims when rows join. The engine passes neither to the model
+yet; a model that needs them in its decode step reads them from here.
 """
 
 from __future__ import annotations
@@ -38,13 +41,17 @@ def _left_pad(tensor: torch.Tensor, dim: int, width: int) -> torch.Tensor:
     return functional.pad(tensor, spec)
 
 
-def _fit(tensor: torch.Tensor, shape: tuple[int, ...], width: int) -> torch.Tensor:
-    """Left-pad dim 1 to ``width``, right-pad later dims to ``shape`` (zeros)."""
-    tensor = _left_pad(tensor, 1, width)
+def _pad_right(tensor: torch.Tensor, shape: tuple[int, ...], first: int = 1) -> torch.Tensor:
+    """Zero-pad dims ``first``.. on the right up to ``shape``."""
     spec: list[int] = []
-    for dim in range(tensor.dim() - 1, 1, -1):
+    for dim in range(tensor.dim() - 1, first - 1, -1):
         spec += [0, shape[dim] - tensor.shape[dim]]
     return functional.pad(tensor, spec) if any(spec) else tensor
+
+
+def _fit(tensor: torch.Tensor, shape: tuple[int, ...], width: int) -> torch.Tensor:
+    """Left-pad dim 1 to ``width``, right-pad later dims to ``shape`` (zeros)."""
+    return _pad_right(_left_pad(tensor, 1, width), shape, first=2)
 
 
 @dataclass
@@ -55,6 +62,7 @@ class BatchState:
     next_pos: torch.Tensor  # (B,) long: the rotary position of ``last``
     rope_axes: int = 0  # 0: plain (B, 1) positions; 3: Qwen-VL's (3, B, 1)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_row: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -98,6 +106,8 @@ class BatchState:
             layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, start:]
         for name, tensor in self.extras.items():
             self.extras[name] = tensor.index_select(0, index)[:, start:]
+        for name, tensor in self.per_row.items():
+            self.per_row[name] = tensor.index_select(0, index)
 
     def join(self, other: BatchState) -> None:
         """Append ``other``'s rows after ours (left-padding the shorter cache)."""
@@ -116,3 +126,9 @@ class BatchState:
                 raise ValueError(f"rows without {name!r} cannot join rows that have it")
             shape = tuple(max(a, b) for a, b in zip(ours.shape, new.shape, strict=True))
             self.extras[name] = torch.cat([_fit(ours, shape, width), _fit(new, shape, width)])
+        for name in self.per_row.keys() | other.per_row.keys():
+            ours, new = self.per_row.get(name), other.per_row.get(name)
+            if ours is None or new is None:
+                raise ValueError(f"rows without {name!r} cannot join rows that have it")
+            shape = tuple(max(a, b) for a, b in zip(ours.shape, new.shape, strict=True))
+            self.per_row[name] = torch.cat([_pad_right(ours, shape), _pad_right(new, shape)])
