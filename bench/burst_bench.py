@@ -22,7 +22,6 @@ os.environ.setdefault("BENCH_THREADS", "1")
 
 from bench.common import Baseline, jobs, report, service  # noqa: E402
 from bench.engine_bench import burst  # noqa: E402
-from demo.servers import ImageServer  # noqa: E402
 from worker.tiny import tiny_model_path  # noqa: E402
 
 TOKENS, SIZE = 32, 8
@@ -75,38 +74,40 @@ def main() -> None:
 
     path = str(tiny_model_path("idefics3"))
     base = Baseline(path)
-    images = ImageServer()
-    requests = jobs(images, SIZE)
-    files = {images.url(p): body for p, (_s, body, _c) in images.files.items()}
-    conversations = [base.conversation(r, images) for r in requests]
     loaded = load(WorkerSettings(model=path, device="cpu"))
+    schedulers = ("continuous", "static")
     times: dict[str, list[float]] = {}
-    expected = [base.run([c], TOKENS)[0] for c in conversations]
-    mismatches: dict[str, int] = {}
-    for scheduler in ("continuous", "static"):
-        settings = WorkerSettings(model=path, device="cpu", scheduler=scheduler)  # type: ignore[arg-type]
-        engine = create_engine(loaded, settings, Images(files), Publisher(CountingLedger()))  # type: ignore[arg-type]
-        engine_burst(engine, requests)  # warm up
-        for _ in range(REPEATS):
-            elapsed, texts = engine_burst(engine, requests)
-            times.setdefault(f"engine {scheduler}", []).append(elapsed)
-            mismatches[scheduler] = sum(a != b for a, b in zip(texts, expected, strict=True))
-        engine.close()
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        base.run(conversations, TOKENS)
-        times.setdefault("ceiling", []).append(time.perf_counter() - started)
-        started = time.perf_counter()
-        for conversation in conversations:
-            base.run([conversation], TOKENS)
-        times.setdefault("sequential", []).append(time.perf_counter() - started)
-    images.close()
-    for scheduler in ("continuous", "static"):
-        with service(path, "bench-burst", VLMQ_SCHEDULER=scheduler) as (producer, im, _w):
-            served = jobs(im, SIZE)
-            burst(producer, served, "bench-burst", TOKENS)  # warm up
-            times[f"service {scheduler}"] = [burst(producer, served, "bench-burst", TOKENS)
-                                             for _ in range(REPEATS)]
+    mismatches = dict.fromkeys(schedulers, 0)
+    with service(path, "bench-continuous", VLMQ_SCHEDULER="continuous") as (p1, im1, _w1), \
+            service(path, "bench-static", VLMQ_SCHEDULER="static") as (p2, im2, _w2):
+        producers = {"continuous": (p1, jobs(im1, SIZE)), "static": (p2, jobs(im2, SIZE))}
+        requests = jobs(im1, SIZE)
+        files = {im1.url(p): body for p, (_s, body, _c) in im1.files.items()}
+        conversations = [base.conversation(r, im1) for r in requests]
+        expected = [base.run([c], TOKENS)[0] for c in conversations]
+        engines = {s: create_engine(loaded, WorkerSettings(model=path, device="cpu", scheduler=s),
+                                    Images(files), Publisher(CountingLedger()))  # type: ignore[arg-type]
+                   for s in schedulers}
+        for scheduler in schedulers:  # warm up
+            engine_burst(engines[scheduler], requests)
+            burst(producers[scheduler][0], producers[scheduler][1], f"bench-{scheduler}", TOKENS)
+        for _ in range(REPEATS):  # interleaved, so that load from elsewhere hits all alike
+            started = time.perf_counter()
+            base.run(conversations, TOKENS)
+            times.setdefault("ceiling", []).append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for conversation in conversations:
+                base.run([conversation], TOKENS)
+            times.setdefault("sequential", []).append(time.perf_counter() - started)
+            for scheduler in schedulers:
+                elapsed, texts = engine_burst(engines[scheduler], requests)
+                times.setdefault(f"engine {scheduler}", []).append(elapsed)
+                mismatches[scheduler] += sum(a != b for a, b in zip(texts, expected, strict=True))
+                producer, served = producers[scheduler]
+                times.setdefault(f"service {scheduler}", []).append(
+                    burst(producer, served, f"bench-{scheduler}", TOKENS))
+        for engine in engines.values():
+            engine.close()
     ceiling, sequential = times["ceiling"], times["sequential"]
     rows = [(name, f"{spread(values)} s") for name, values in times.items()]
     for name in [n for n in times if n.startswith(("engine", "service"))]:

@@ -33,6 +33,25 @@ def joinable(cache: object) -> bool:
             and all(type(layer).__name__ == "DynamicLayer" for layer in layers))
 
 
+def prefill_positions(inputs: dict[str, torch.Tensor],
+                      rope_index: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions of a left-padded prefill and each row's next position.
+
+    ``rope_index``: Qwen-VL's ``get_rope_index`` (3-D positions of image tokens, text after
+    them continuing from the largest), for processors that give ``mm_token_type_ids``;
+    otherwise positions count the real tokens of each row (what ``generate`` does)."""
+    mask = inputs["attention_mask"]
+    if rope_index is not None and "mm_token_type_ids" in inputs:
+        rest = {key: value for key, value in inputs.items() if key != "input_ids"}
+        positions, _deltas = rope_index(inputs["input_ids"], **rest)
+        return positions, positions.amax(dim=(0, 2)) + 1
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    following = positions.amax(dim=-1) + 1
+    if rope_index is not None:
+        positions = positions.unsqueeze(0).expand(3, -1, -1)
+    return positions, following
+
+
 def _left_pad(tensor: torch.Tensor, dim: int, width: int) -> torch.Tensor:
     pad = width - tensor.shape[dim]
     if pad <= 0:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from worker.engine.batching import collate
-from worker.engine.batchstate import BatchState, joinable
+from worker.engine.batchstate import BatchState, joinable, prefill_positions
 from worker.engine.publisher import Publisher
 from worker.engine.rows import Row, over_budget
 from worker.engine.sampling import choose
@@ -50,7 +50,7 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("vlmq.engine")
 
 # model types whose cache, positions and vision inputs this engine handles (tested in the oracle)
-JOINABLE = {"idefics3", "smolvlm", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+JOINABLE = {"idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
 
 def create_engine(loaded: LoadedModel, settings: WorkerSettings, media: Any,
@@ -242,15 +242,7 @@ class ContinuousEngine(Engine):
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
         mask = inputs["attention_mask"]
-        if self.rope is not None and "mm_token_type_ids" in inputs:
-            rest = {key: value for key, value in inputs.items() if key != "input_ids"}
-            positions, _deltas = self.rope(inputs["input_ids"], **rest)
-            following = positions.amax(dim=(0, 2)) + 1
-        else:
-            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            following = positions.amax(dim=-1) + 1
-            if self.rope is not None:
-                positions = positions.unsqueeze(0).expand(3, -1, -1)
+        positions, following = prefill_positions(inputs, self.rope)
         with torch.inference_mode():
             out = self.loaded.model(**inputs, position_ids=positions, use_cache=True,
                                     logits_to_keep=1)
