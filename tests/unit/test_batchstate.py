@@ -37,6 +37,7 @@ def test_join_left_pads_both_sides_and_keep_drops_rows_and_unused_columns() -> N
     assert step["attention_mask"].shape == (3, 6)
     assert step["position_ids"].shape == (3, 3, 1)
     assert step["position_ids"][:, 2, 0].tolist() == [5, 5, 5]
+    assert step["image_mask"].shape == (3, 1, 2) and step["hidden"].shape == (3, 2, 3)
     layer = running.cache.layers[0]  # the forward appends each row's new token to the cache
     layer.keys = torch.cat([layer.keys, torch.full((3, 2, 1, 4), 9.0)], dim=2)
     layer.values = layer.keys.clone()

@@ -12,8 +12,9 @@ position (say, an image attention mask of shape (B, T, n_images)): they are left
 dim 1 with the mask, zero-padded on the right of any later dim, extended by repeating their
 last position at each step, and selected with the rows. ``per_row`` carries tensors whose
 dim 0 is the row and that have no cache axis (say, image hidden states (B, n, S, D)): zero-
-padded on the right of later dims when rows join. The engine passes neither to the model
-yet; a model that needs them in its decode step reads them from here.
+padded on the right of later dims when rows join. Each decode step passes them to the model
+by name: ``extras`` as their newest position (B, 1, ...), ``per_row`` whole. The engine's
+prefill fills neither for the models it handles today.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ class BatchState:
         positions = self.next_pos.view(-1, 1)
         if self.rope_axes:
             positions = positions.view(1, -1, 1).expand(self.rope_axes, -1, 1)
-        return {"input_ids": self.last, "attention_mask": mask, "position_ids": positions}
+        step = {"input_ids": self.last, "attention_mask": mask, "position_ids": positions}
+        step |= {name: tensor[:, -1:] for name, tensor in self.extras.items()}
+        return step | self.per_row
 
     def advance(self, mask: torch.Tensor, tokens: torch.Tensor) -> None:
         """After a decode step: ``mask`` is the one the step used; ``tokens`` (B,) are new."""

@@ -130,14 +130,11 @@ class ContinuousEngine(Engine):
             self._die([row.work for row in rows], error)
             return
         log.exception("generation failed for %s", [row.work.job_id for row in self.rows])
-        self._fail(self.rows, error)
+        self._fail_rows(self.rows, error)
         self.rows, self.state = [], None
 
-    def _fail(self, rows: Any, error: BaseException) -> None:  # type: ignore[override]
-        for row in rows:
-            work = row.work if isinstance(row, Row) else row
-            if not work.future.done():
-                work.future.set_exception(self._wrap(error))
+    def _fail_rows(self, rows: list[Row], error: BaseException) -> None:
+        self._fail([row.work for row in rows], error)
 
     def _end(self, row: Row, reason: str) -> None:
         """End a row (not in the running batch): the streamer sends what is left."""
@@ -204,14 +201,14 @@ class ContinuousEngine(Engine):
                 self._evict_newest()
                 self._prefill(group)
             else:
-                self._fail(group, ResourceExhausted("out of memory in the prefill of a "
+                self._fail_rows(group, ResourceExhausted("out of memory in the prefill of a "
                                                     "request that runs alone"))
             return
         except BaseException as error:
             if is_sticky_cuda_error(error):
                 raise
             log.warning("prefill failed for %s: %s", [r.work.job_id for r in group], error)
-            self._fail(group, error)
+            self._fail_rows(group, error)
             return
         now = time.time()
         tokens = choose(logits, [row.sampler for row in group], [[] for _ in group])
@@ -268,7 +265,7 @@ class ContinuousEngine(Engine):
             if self.loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(self.rows) == 1:
-                self._fail(self.rows, ResourceExhausted("out of memory while generating for "
+                self._fail_rows(self.rows, ResourceExhausted("out of memory while generating for "
                                                         "a request that runs alone"))
                 self.rows, self.state = [], None
             else:
