@@ -137,3 +137,28 @@ def test_the_scheduler_setting_chooses_the_engine() -> None:
     finally:
         static.close()
         continuous.close()
+
+
+def test_a_seeded_row_evicted_by_out_of_memory_gives_the_text_it_gives_alone() -> None:
+    arch = "idefics3"
+    engine, ledger = make_engine(arch)
+    seeded = {"do_sample": True, "seed": 99, "temperature": 0.9, "top_k": 30,
+              "max_new_tokens": 20}
+    messages = message([url("bee")], "Write a caption for this image.")
+    try:
+        alone = wait(engine.submit(work(messages, **seeded)))
+        model = flaky(engine, at=5)
+        first = work(message([url("cats")], "Describe this image in detail."),
+                     max_new_tokens=LONG)
+        engine.submit(first)
+        wait_for_tokens(ledger, first)
+        evicted = work(messages, **seeded)
+        engine.submit(evicted)
+        assert model.raised.wait(120), "the simulated out-of-memory never happened"
+        ledger.cancel.add(first.job_id)
+        outcome = wait(evicted.future)
+        wait(first.future)
+    finally:
+        engine.close()
+    assert outcome.text == alone.text
+    assert_stream(ledger, evicted, outcome.text)

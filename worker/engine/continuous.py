@@ -99,8 +99,12 @@ class ContinuousEngine(Engine):
             if work is None:
                 self._closing = True
                 return
-            self.waiting.append(Row.start(work, self.settings, self._decode, self.loaded.device))
             block = False
+            try:
+                self.waiting.append(Row.start(work, self.settings, self._decode,
+                                              self.loaded.device))
+            except Exception as error:  # its settings cannot run here: the job fails alone
+                work.future.set_exception(self._wrap(error))
 
     def _loop(self) -> None:
         while not self._closing:
@@ -170,13 +174,15 @@ class ContinuousEngine(Engine):
         room = self.row_cap - len(self.rows)
         width = self.state.width if self.state is not None else 0
         head = self.waiting[0]
+        if any(row.alone for row in self.rows) or head.alone:  # a batch of its own, in turn
+            return [head] if head.alone and not self.rows else []
         keys = set(head.work.inputs)
         group: list[Row] = []
         pixels = 0
         for row in self.waiting:
-            if len(group) >= room or row.alone and group:
+            if len(group) >= room:
                 break
-            if set(row.work.inputs) != keys:
+            if row.alone or set(row.work.inputs) != keys:
                 continue
             longest = max(width, row.length, *(r.length for r in group))
             slots = (len(self.rows) + len(group) + 1) * longest
@@ -211,13 +217,19 @@ class ContinuousEngine(Engine):
             self._fail_rows(group, error)
             return
         now = time.time()
-        tokens = choose(logits, [row.sampler for row in group], [[] for _ in group])
-        for i, row in enumerate(group):
+        # a row resumed after an eviction knows its newest token: only the others choose one
+        # (so a seeded row's generator draws exactly as often as when it ran alone)
+        fresh = [i for i, row in enumerate(group) if not row.live.ids]
+        chosen = iter(choose(logits[fresh], [group[i].sampler for i in fresh],
+                             [[] for _ in fresh]) if fresh else [])
+        tokens = []
+        for row in group:
             row.work.gen_started = row.work.gen_started or now
-            if row.live.ids:  # resumed after an eviction: its newest token is known
-                tokens[i] = row.live.ids[-1]
+            if row.live.ids:
+                tokens.append(row.live.ids[-1])
             else:
-                self._record(row, tokens[i], now)
+                tokens.append(next(chosen))
+                self._record(row, tokens[-1], now)
             if not row.streaming:
                 row.streaming = True
                 self.streamer.add(row.live)
