@@ -240,6 +240,8 @@ class ContinuousEngine(Engine):
             self.state.join(state)
             self.rows += group
             self.joins += 1
+        for row in group:  # for the batch-size metric: the batch it joined
+            setattr(row.work, "batch_size", len(self.rows))  # noqa: B010
         log.info("generate batch=%d joined=%d", len(self.rows), len(group))
         self._drop_ended()
 
