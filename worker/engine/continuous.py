@@ -221,7 +221,7 @@ class ContinuousEngine(Engine):
         # (so a seeded row's generator draws exactly as often as when it ran alone)
         fresh = [i for i, row in enumerate(group) if not row.live.ids]
         chosen = iter(choose(logits[fresh], [group[i].sampler for i in fresh],
-                             [[] for _ in fresh]) if fresh else [])
+                             [[] for _ in fresh])[0] if fresh else [])
         tokens = []
         for row in group:
             row.work.gen_started = row.work.gen_started or now
@@ -286,9 +286,9 @@ class ContinuousEngine(Engine):
                 self._evict_newest()
             return
         logits = out.logits[:, -1, :].float()
-        tokens = choose(logits, [row.sampler for row in self.rows],
-                        [row.live.ids for row in self.rows])
-        state.advance(inputs["attention_mask"], torch.tensor(tokens, device=logits.device))
+        tokens, chosen = choose(logits, [row.sampler for row in self.rows],
+                                [row.live.ids for row in self.rows])
+        state.advance(inputs["attention_mask"], chosen)
         now = time.time()
         for row, token in zip(self.rows, tokens, strict=True):
             self._record(row, token, now)

@@ -71,10 +71,12 @@ class RowSampler:
 
 
 def choose(logits: torch.Tensor, samplers: Sequence[RowSampler],
-           generated: Sequence[Sequence[int]]) -> list[int]:
-    """Each row's next token: ``logits`` (B, V) float32, one sampler and history per row."""
-    tokens: list[int] = logits.argmax(dim=-1).tolist()
-    for i, sampler in enumerate(samplers):
-        if not sampler.plain_greedy:
-            tokens[i] = sampler.choose(logits[i], generated[i])
-    return tokens
+           generated: Sequence[Sequence[int]]) -> tuple[list[int], torch.Tensor]:
+    """Each row's next token: ``logits`` (B, V) float32, one sampler and history per row.
+    Returns them as a list and as a (B,) tensor on the logits' device."""
+    best = logits.argmax(dim=-1)
+    tokens: list[int] = best.tolist()
+    other = [i for i, sampler in enumerate(samplers) if not sampler.plain_greedy]
+    for i in other:
+        tokens[i] = samplers[i].choose(logits[i], generated[i])
+    return tokens, torch.tensor(tokens, device=logits.device) if other else best
