@@ -49,7 +49,7 @@ class WorkerSettings(BaseSettings):
 
     # generation and batching
     scheduler: Literal["static", "continuous"] = "continuous"  # worker/engine/{static,continuous}
-    stream_interval_ms: float = Field(20.0, ge=0)  # continuous: stream events sent this often
+    stream_interval_ms: float = Field(20.0, ge=1, le=10_000)  # continuous: stream events this often
     max_new_tokens_cap: int = Field(4096, ge=1)
     max_input_tokens: int = Field(16_384, ge=16)
     max_generate_s: float = Field(600.0, gt=0)
