@@ -35,14 +35,13 @@ from typing import Any
 
 import torch
 
-from worker.engine.batching import collate
-from worker.engine.batchstate import BatchState, joinable, prefill_positions
+from worker.engine.batchstate import BatchState
 from worker.engine.publisher import Publisher
-from worker.engine.rows import Row, over_budget
+from worker.engine.rows import Row, over_budget, prefill
 from worker.engine.sampling import choose
 from worker.engine.static import Engine
 from worker.engine.streamer import Streamer
-from worker.errors import ModelError, ResourceExhausted
+from worker.errors import ResourceExhausted
 from worker.model.load import LoadedModel
 from worker.model.memory import is_sticky_cuda_error
 from worker.settings import WorkerSettings
@@ -195,7 +194,7 @@ class ContinuousEngine(Engine):
 
     def _prefill(self, group: list[Row]) -> None:
         try:
-            state, logits = self._prefill_forward(group)
+            state, logits = prefill(self.loaded, group, self.tokenizer.pad_token_id, self.rope)
         except torch.OutOfMemoryError:
             if self.loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -244,26 +243,6 @@ class ContinuousEngine(Engine):
             setattr(row.work, "batch_size", len(self.rows))  # noqa: B010
         log.info("generate batch=%d joined=%d", len(self.rows), len(group))
         self._drop_ended()
-
-    def _prefill_forward(self, group: list[Row]) -> tuple[BatchState, torch.Tensor]:
-        pad_id = self.tokenizer.pad_token_id
-        inputs = collate([row.prefill_inputs() for row in group], 0 if pad_id is None else
-                         int(pad_id))
-        inputs = {key: value.to(self.loaded.device) for key, value in inputs.items()}
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
-        mask = inputs["attention_mask"]
-        positions, following = prefill_positions(inputs, self.rope)
-        with torch.inference_mode():
-            out = self.loaded.model(**inputs, position_ids=positions, use_cache=True,
-                                    logits_to_keep=1)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if not joinable(cache):
-            raise ModelError(f"this model's cache ({type(cache).__name__}) cannot be batched "
-                             "continuously")
-        state = BatchState(cache=cache, mask=mask, last=mask[:, :1], next_pos=following,
-                           rope_axes=3 if self.rope is not None else 0)
-        return state, out.logits[:, -1, :].float()
 
     # -- decode ------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""One request as a row of the continuous engine: its limits, sampler, stream and prefill inputs."""
+"""One request as a row of the continuous engine (its limits, sampler, stream and prefill inputs),
+and the prefill of a group of rows."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from typing import Any
 
 import torch
 
+from worker.engine.batching import collate
+from worker.engine.batchstate import BatchState, joinable, prefill_positions
 from worker.engine.sampling import RowSampler
 from worker.engine.streamer import Live
 from worker.engine.textstream import TextAssembler
 from worker.engine.work import Work
+from worker.errors import ModelError
 from worker.settings import WorkerSettings
 
 Decode = Callable[[Sequence[int]], str]
@@ -83,3 +87,24 @@ def over_budget(row: Row, settings: WorkerSettings) -> str | None:
                 f"exceeds the {settings.max_batch_tokens} cache tokens this worker holds "
                 "(VLMQ_MAX_BATCH_TOKENS)")
     return None
+
+
+def prefill(loaded: Any, rows: list[Row], pad_id: int | None,
+            rope_index: Any = None) -> tuple[BatchState, torch.Tensor]:
+    """One forward over the rows' prompts (left-padded, their images with them): the batch
+    state it leaves (``last`` to be set to each row's first token) and each row's logits."""
+    inputs = collate([row.prefill_inputs() for row in rows], 0 if pad_id is None else pad_id)
+    inputs = {key: value.to(loaded.device) for key, value in inputs.items()}
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    mask = inputs["attention_mask"]
+    positions, following = prefill_positions(inputs, rope_index)
+    with torch.inference_mode():
+        out = loaded.model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if not joinable(cache):
+        raise ModelError(f"this model's cache ({type(cache).__name__}) cannot be batched "
+                         "continuously")
+    state = BatchState(cache=cache, mask=mask, last=mask[:, :1], next_pos=following,
+                       rope_axes=3 if rope_index is not None else 0)
+    return state, out.logits[:, -1, :].float()
