@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["engine_bench", "stream_bench", "quant_memory"]
+MODULES = ["burst_bench", "host_cost", "engine_bench", "stream_bench", "quant_memory"]
 
 
 def main(argv: list[str]) -> int:
