@@ -41,6 +41,7 @@ from worker.engine.rows import Row, over_budget, prefill
 from worker.engine.sampling import choose
 from worker.engine.static import Engine
 from worker.engine.streamer import Streamer
+from worker.engine.work import Work
 from worker.errors import ResourceExhausted
 from worker.model.load import LoadedModel
 from worker.model.memory import is_sticky_cuda_error
@@ -72,6 +73,7 @@ class ContinuousEngine(Engine):
                                  settings.stream_events)
         self.rows: list[Row] = []  # the running batch, in BatchState row order
         self.waiting: list[Row] = []  # prepared, not yet admitted (evicted rows first)
+        self.beams: list[Work] = []  # beam searches, run alone between two decode steps
         self.state: BatchState | None = None
         self.rope = getattr(getattr(model, "model", None), "get_rope_index", None)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
@@ -100,8 +102,11 @@ class ContinuousEngine(Engine):
                 return
             block = False
             try:
+                if work.request.params.num_beams > 1:
+                    self.beams.append(work)
+                    continue
                 self.waiting.append(Row.start(work, self.settings, self._decode,
-                                              self.loaded.device))
+                                              self.loaded.device, frozenset(self.eos_ids)))
             except Exception as error:  # its settings cannot run here: the job fails alone
                 work.future.set_exception(self._wrap(error))
 
@@ -112,6 +117,7 @@ class ContinuousEngine(Engine):
                 self._end_all(handback=True)
                 continue
             try:
+                self._search_beams()
                 self._admit()
                 if self.rows:
                     self._decode_step()
@@ -119,7 +125,17 @@ class ContinuousEngine(Engine):
                 self._crash(error)
         self._end_all(handback=True)
 
+    def _search_beams(self) -> None:
+        """Beam searches (``num_beams`` > 1) do not share a batch: each runs alone through the
+        static engine's path (``beams.beam_search``; its text published when it ends) while
+        the running batch waits with its cache, then decoding goes on."""
+        while self.beams:
+            self._run([self.beams.pop(0)])
+
     def _end_all(self, handback: bool) -> None:
+        for work in self.beams:
+            self._hand_back(work)
+        self.beams = []
         for row in self.rows + self.waiting:
             if handback:
                 row.work.handback = True
@@ -196,18 +212,7 @@ class ContinuousEngine(Engine):
         try:
             state, logits = prefill(self.loaded, group, self.tokenizer.pad_token_id, self.rope)
         except torch.OutOfMemoryError:
-            if self.loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(group) > 1:  # the newer half waits for the next boundary
-                half = len(group) // 2
-                self.waiting[:0] = group[half:]
-                self._prefill(group[:half])
-            elif self.rows:
-                self._evict_newest()
-                self._prefill(group)
-            else:
-                self._fail_rows(group, ResourceExhausted("out of memory in the prefill of a "
-                                                    "request that runs alone"))
+            self._prefill_out_of_memory(group)
             return
         except BaseException as error:
             if is_sticky_cuda_error(error):
@@ -215,9 +220,29 @@ class ContinuousEngine(Engine):
             log.warning("prefill failed for %s: %s", [r.work.job_id for r in group], error)
             self._fail_rows(group, error)
             return
+        self._merge(group, state, logits)
+
+    def _prefill_out_of_memory(self, group: list[Row]) -> None:
+        """The newer half waits for the next boundary; a row alone makes room by evicting the
+        newest running row, or fails when nothing else runs."""
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(group) > 1:
+            half = len(group) // 2
+            self.waiting[:0] = group[half:]
+            self._prefill(group[:half])
+        elif self.rows:
+            self._evict_newest()
+            self._prefill(group)
+        else:
+            self._fail_rows(group, ResourceExhausted("out of memory in the prefill of a "
+                                                     "request that runs alone"))
+
+    def _first_tokens(self, group: list[Row], logits: torch.Tensor) -> list[int]:
+        """Each prefilled row's newest token. A row resumed after an eviction knows its own:
+        only the others choose one (so a seeded row's generator draws exactly as often as
+        when it ran alone)."""
         now = time.time()
-        # a row resumed after an eviction knows its newest token: only the others choose one
-        # (so a seeded row's generator draws exactly as often as when it ran alone)
         fresh = [i for i, row in enumerate(group) if not row.live.ids]
         chosen = iter(choose(logits[fresh], [group[i].sampler for i in fresh],
                              [[] for _ in fresh])[0] if fresh else [])
@@ -232,6 +257,11 @@ class ContinuousEngine(Engine):
             if not row.streaming:
                 row.streaming = True
                 self.streamer.add(row.live)
+        return tokens
+
+    def _merge(self, group: list[Row], state: BatchState, logits: torch.Tensor) -> None:
+        """Prefilled rows join the running batch (or start it) with their first tokens."""
+        tokens = self._first_tokens(group, logits)
         state.last = torch.tensor(tokens, device=state.mask.device).view(-1, 1)
         if self.state is None:
             self.state, self.rows = state, list(group)
@@ -278,7 +308,8 @@ class ContinuousEngine(Engine):
         row.live.ids.append(token)
         work = row.work
         reason = None
-        if token in self.eos_ids or row.live.stop_seen or row.stop_in_tail(self._decode):
+        if token in self.eos_ids or token in work.rules.end_ids or row.live.stop_seen or \
+                row.stop_in_tail(self._decode):
             reason = "stop"
         elif len(row.live.ids) >= row.limit:
             reason = "length"

@@ -12,7 +12,7 @@ import torch
 
 from worker.engine.batching import collate
 from worker.engine.batchstate import BatchState, joinable, prefill_positions
-from worker.engine.sampling import RowSampler
+from worker.engine.sampling import BadWords, RowSampler
 from worker.engine.streamer import Live
 from worker.engine.textstream import TextAssembler
 from worker.engine.work import Work
@@ -37,14 +37,16 @@ class Row:
 
     @classmethod
     def start(cls, work: Work, settings: WorkerSettings, decode: Decode,
-              device: torch.device | None = None) -> Row:
+              device: torch.device | None = None, eos_ids: frozenset[int] = frozenset()) -> Row:
+        """``eos_ids``: the model's own (a one-token bad word among them is not banned)."""
         params = work.request.params
         work.deadline = min(work.deadline, time.time() + settings.max_generate_s)
         work.assembler = TextAssembler(decode, params.stop, work.already_sent)
         stops = [s for s in params.stop if s]
         prompt = work.inputs["input_ids"][0]
+        bad_words = BadWords.for_row(work.rules.bad_words_ids, eos_ids, prompt.tolist())
         return cls(work=work, live=Live(work),
-                   sampler=RowSampler.for_row(params, prompt, device or prompt.device),
+                   sampler=RowSampler.for_row(params, prompt, device or prompt.device, bad_words),
                    limit=min(params.max_new_tokens, settings.max_new_tokens_cap),
                    stops=stops, tail=4 * max((len(s) for s in stops), default=0) + 2)
 
