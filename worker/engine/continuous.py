@@ -9,9 +9,12 @@ generation thread owns the decode loop:
   left padding, their own positions: Qwen-VL's 3-D ones from ``get_rope_index``), their first
   token chosen, and merged into the running batch (``batchstate.BatchState``);
 - every step, one forward over the running batch feeds each row its newest token; each row
-  chooses its next token with its own settings (``sampling``), and ends on EOS, a stop string
+  chooses its next token with its own settings and bad words (``sampling``), and ends on EOS
+  or one of its end tokens (``Work.rules``), a stop string
   (checked here, on the decoded tail, only for rows that have stop strings), its
   max_new_tokens, cancel or deadline; ended rows leave the batch and their cache rows at once;
+- a beam search (``num_beams`` > 1) runs alone between two steps (``beams.beam_search``, as
+  the static engine runs it), the batch waiting with its cache;
 - the loop only appends token ids; ``streamer.Streamer`` detokenizes and sends them every
   ``stream_interval_ms`` or when a row ends, and resolves each job's future.
 
@@ -37,7 +40,7 @@ import torch
 
 from worker.engine.batchstate import BatchState
 from worker.engine.publisher import Publisher
-from worker.engine.rows import Row, over_budget, prefill
+from worker.engine.rows import Row, next_group, over_budget, prefill
 from worker.engine.sampling import choose
 from worker.engine.static import Engine
 from worker.engine.streamer import Streamer
@@ -50,7 +53,7 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("vlmq.engine")
 
 # model types whose cache, positions and vision inputs this engine handles (tested in the oracle)
-JOINABLE = {"idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+JOINABLE = {"idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics"}
 
 
 def create_engine(loaded: LoadedModel, settings: WorkerSettings, media: Any,
@@ -176,37 +179,14 @@ class ContinuousEngine(Engine):
                 self.waiting.remove(row)
                 row.work.future.set_exception(ResourceExhausted(why))
         while self.waiting:
-            group = self._next_group()
+            width = self.state.width if self.state is not None else 0
+            group = next_group(self.waiting, len(self.rows), width,
+                               self.row_cap - len(self.rows), self.settings)
             if not group:
                 return
             for row in group:
                 self.waiting.remove(row)
             self._prefill(group)
-
-    def _next_group(self) -> list[Row]:
-        """The oldest waiting row and those that can be prefilled with it, within budgets."""
-        settings = self.settings
-        room = self.row_cap - len(self.rows)
-        width = self.state.width if self.state is not None else 0
-        head = self.waiting[0]
-        if any(row.alone for row in self.rows) or head.alone:  # a batch of its own, in turn
-            return [head] if head.alone and not self.rows else []
-        keys = set(head.work.inputs)
-        group: list[Row] = []
-        pixels = 0
-        for row in self.waiting:
-            if len(group) >= room:
-                break
-            if row.alone or set(row.work.inputs) != keys:
-                continue
-            longest = max(width, row.length, *(r.length for r in group))
-            slots = (len(self.rows) + len(group) + 1) * longest
-            if slots > settings.max_batch_tokens or pixels + row.work.pixels > \
-                    settings.max_batch_pixels:
-                continue
-            group.append(row)
-            pixels += row.work.pixels
-        return group
 
     def _prefill(self, group: list[Row]) -> None:
         try:
