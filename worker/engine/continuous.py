@@ -10,9 +10,9 @@ generation thread owns the decode loop:
   token chosen, and merged into the running batch (``batchstate.BatchState``);
 - every step, one forward over the running batch feeds each row its newest token; each row
   chooses its next token with its own settings and bad words (``sampling``), and ends on EOS
-  or one of its end tokens (``Work.rules``), a stop string
-  (checked here, on the decoded tail, only for rows that have stop strings), its
-  max_new_tokens, cancel or deadline; ended rows leave the batch and their cache rows at once;
+  or one of its end tokens (``Work.rules``), a stop string (checked on the decoded tail, only
+  for rows that have stop strings), its max_new_tokens, cancel or deadline (``Row.record``);
+  ended rows leave the batch and their cache rows at once;
 - a beam search (``num_beams`` > 1) runs alone between two steps (``beams.beam_search``, as
   the static engine runs it), the batch waiting with its cache;
 - the loop only appends token ids; ``streamer.Streamer`` detokenizes and sends them every
@@ -233,7 +233,7 @@ class ContinuousEngine(Engine):
                 tokens.append(row.live.ids[-1])
             else:
                 tokens.append(next(chosen))
-                self._record(row, tokens[-1], now)
+                row.record(tokens[-1], now, self.eos_ids, self._decode)
             if not row.streaming:
                 row.streaming = True
                 self.streamer.add(row.live)
@@ -280,25 +280,8 @@ class ContinuousEngine(Engine):
         state.advance(inputs["attention_mask"], chosen)
         now = time.time()
         for row, token in zip(self.rows, tokens, strict=True):
-            self._record(row, token, now)
+            row.record(token, now, self.eos_ids, self._decode)
         self._drop_ended()
-
-    def _record(self, row: Row, token: int, now: float) -> None:
-        """Append a row's new token and decide whether the row ends here."""
-        row.live.ids.append(token)
-        work = row.work
-        reason = None
-        if token in self.eos_ids or token in work.rules.end_ids or row.live.stop_seen or \
-                row.stop_in_tail(self._decode):
-            reason = "stop"
-        elif len(row.live.ids) >= row.limit:
-            reason = "length"
-        elif work.cancel.is_set():
-            reason = "cancelled"
-        elif now >= work.deadline:
-            reason = "deadline"
-        if reason is not None:
-            work.finish_reason = reason  # type: ignore[assignment]
 
     def _drop_ended(self) -> None:
         keep = [i for i, row in enumerate(self.rows) if row.work.finish_reason is None]

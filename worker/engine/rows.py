@@ -76,6 +76,25 @@ class Row:
                 inputs[key] = torch.cat([tensor, repeat], dim=1)
         return inputs
 
+    def record(self, token: int, now: float, eos_ids: set[int], decode: Decode) -> None:
+        """Append the row's new token; set its finish reason when the row ends with it (an
+        end-of-sequence id or one of its end tokens, a stop string, its length, cancel or
+        deadline)."""
+        self.live.ids.append(token)
+        work = self.work
+        reason = None
+        if token in eos_ids or token in work.rules.end_ids or self.live.stop_seen or \
+                self.stop_in_tail(decode):
+            reason = "stop"
+        elif len(self.live.ids) >= self.limit:
+            reason = "length"
+        elif work.cancel.is_set():
+            reason = "cancelled"
+        elif now >= work.deadline:
+            reason = "deadline"
+        if reason is not None:
+            work.finish_reason = reason  # type: ignore[assignment]
+
     def stop_in_tail(self, decode: Decode) -> bool:
         """Whether the newest tokens' text holds one of the row's stop strings."""
         if not self.stops:
