@@ -27,7 +27,8 @@ class BadWords:
     end the row's text so far (its prompt, then what it generated)."""
 
     single: tuple[int, ...] = ()
-    sequences: tuple[tuple[int, ...], ...] = ()
+    after: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # prefix -> last ids
+    lengths: tuple[int, ...] = ()  # the prefix lengths in ``after``
     context: tuple[int, ...] = ()  # the prompt's last tokens, as many as the longest prefix
 
     @classmethod
@@ -35,24 +36,27 @@ class BadWords:
                 prompt: Sequence[int]) -> BadWords:
         ends = set(eos_ids)
         kept = [tuple(word) for word in words if word and not (len(word) == 1 and word[0] in ends)]
-        sequences = tuple(word for word in kept if len(word) > 1)
-        longest = max((len(word) - 1 for word in sequences), default=0)
+        after: dict[tuple[int, ...], list[int]] = {}
+        for word in kept:
+            if len(word) > 1:
+                after.setdefault(word[:-1], []).append(word[-1])
+        lengths = tuple(sorted({len(prefix) for prefix in after}))
+        longest = lengths[-1] if lengths else 0
         return cls(single=tuple(sorted({word[0] for word in kept if len(word) == 1})),
-                   sequences=sequences, context=tuple(prompt[-longest:]) if longest else ())
+                   after=after, lengths=lengths,
+                   context=tuple(prompt[-longest:]) if longest else ())
 
     def __bool__(self) -> bool:
-        return bool(self.single or self.sequences)
+        return bool(self.single or self.after)
 
     def banned(self, generated: Sequence[int]) -> list[int]:
         """The token ids this row may not choose next."""
         out = list(self.single)
-        if self.sequences:
-            reach = max(len(word) - 1 for word in self.sequences)
-            tail = (*self.context, *generated[-reach:])
-            for word in self.sequences:
-                prefix = word[:-1]
-                if len(prefix) <= len(tail) and tail[len(tail) - len(prefix):] == prefix:
-                    out.append(word[-1])
+        if self.lengths:
+            tail = (*self.context, *generated[-self.lengths[-1]:])
+            for length in self.lengths:
+                if length <= len(tail):
+                    out += self.after.get(tail[len(tail) - length:], ())
         return out
 
 
@@ -112,14 +116,20 @@ class RowSampler:
 
 def choose(logits: torch.Tensor, samplers: Sequence[RowSampler],
            generated: Sequence[Sequence[int]]) -> tuple[list[int], torch.Tensor]:
-    """Each row's next token: ``logits`` (B, V) float32, one sampler and history per row.
+    """Each row's next token: ``logits`` (B, V) float32 (banned ids set to -inf in place), one
+    sampler and history per row.
     Returns them as a list and as a (B,) tensor on the logits' device."""
-    bans = [(i, sampler.bad_words.banned(generated[i])) for i, sampler in enumerate(samplers)
-            if sampler.bad_words]
-    if bans:
-        logits = logits.clone()
-        for i, banned in bans:
-            logits[i, banned] = -float("inf")
+    rows: list[int] = []
+    banned: list[int] = []
+    for i, sampler in enumerate(samplers):
+        if sampler.bad_words:
+            ids = sampler.bad_words.banned(generated[i])
+            rows += [i] * len(ids)
+            banned += ids
+    if banned:  # one masking op for the whole batch, in place (the model's output may be an
+        with torch.inference_mode():  # inference tensor: written to only in that mode)
+            logits[torch.tensor(rows, device=logits.device),
+                   torch.tensor(banned, device=logits.device)] = -float("inf")
     best = logits.argmax(dim=-1)
     tokens: list[int] = best.tolist()
     other = [i for i, sampler in enumerate(samplers) if not sampler.plain_greedy]
