@@ -277,6 +277,7 @@ class ContinuousEngine(Engine):
         """Append a row's new token and decide whether the row ends here."""
         row.live.ids.append(token)
         work = row.work
+        work.first_token_at = work.first_token_at or now
         reason = None
         if token in self.eos_ids or row.live.stop_seen or row.stop_in_tail(self._decode):
             reason = "stop"
