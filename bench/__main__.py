@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["engine_bench", "stream_bench", "quant_memory"]
+MODULES = ["engine_bench", "stream_bench", "quant_memory", "gateway_bench"]
 
 
 def main(argv: list[str]) -> int:
