@@ -3,6 +3,8 @@ and the response that carries them: no caching, no proxy buffering."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +30,8 @@ def frame(data: Any, *, event: str | None = None, event_id: int | str | None = N
 
 
 DONE = frame("[DONE]")
+KEEPALIVE = b": keepalive\n\n"  # a comment line: clients ignore it, proxies see traffic
+KEEPALIVE_S = 15.0
 
 
 def last_event_id(header: str | None, query: str | None) -> int | None:
@@ -56,5 +60,33 @@ class EventStream(StreamingResponse):
             group.cancel_scope.cancel()
 
 
+async def with_keepalive(events: AsyncIterator[bytes],
+                         every: float = KEEPALIVE_S) -> AsyncIterator[bytes]:
+    """``events``, plus a keep-alive comment whenever nothing came for ``every`` seconds (a
+    queued job can be silent for long; idle connections get cut by proxies)."""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield KEEPALIVE
+                continue
+            found, pending = pending, None
+            try:
+                item = found.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        with anyio.CancelScope(shield=True):  # the events' own clean-up must run to its end
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
+            await events.aclose()  # type: ignore[attr-defined]
+
+
 def response(events: AsyncIterator[bytes]) -> StreamingResponse:
-    return EventStream(events, media_type="text/event-stream", headers=HEADERS)
+    return EventStream(with_keepalive(events), media_type="text/event-stream", headers=HEADERS)

@@ -154,3 +154,32 @@ def test_gateway_modules_stay_small() -> None:
     big = {p.name: n for p in ROOT.glob("gateway/**/*.py")
            if (n := len(p.read_text().splitlines())) > 300}
     assert not big
+
+
+def test_keepalive_fills_silences_and_closing_runs_the_events_clean_up() -> None:
+    cleaned: list[str] = []
+
+    async def events() -> Any:
+        try:
+            yield b"a"
+            await asyncio.sleep(0.3)  # silent: keep-alives go out meanwhile
+            yield b"b"
+            await asyncio.sleep(3600)
+            yield b"never"
+        finally:
+            cleaned.append("done")
+
+    async def run() -> list[bytes]:
+        seen: list[bytes] = []
+        stream = sse.with_keepalive(events(), every=0.05)
+        async for item in stream:
+            seen.append(item)
+            if b"b" in seen and item == sse.KEEPALIVE:
+                break
+        await stream.aclose()  # the client goes away while the events wait (pending)
+        return seen
+
+    seen = asyncio.run(run())
+    assert [s for s in seen if s != sse.KEEPALIVE] == [b"a", b"b"]
+    assert seen.index(sse.KEEPALIVE) == 1
+    assert cleaned == ["done"]
