@@ -65,7 +65,11 @@ class Gateway:
             raise invalid(InvalidRequestError.from_validation(error), prefix) from None
 
     async def submit(self, tenant: Tenant, request: JobRequest) -> str:
-        """Admission, quotas, then the job; the tenant goes into its metadata."""
+        """The tenant into its metadata, then admission, quotas, and the job."""
+        idem = request.idempotency_key
+        request = self.validate(request.model_dump(mode="json") | {  # within limits still
+            "metadata": {**request.metadata, "tenant": tenant.name},
+            "idempotency_key": f"{tenant.name}:{idem}"[:128] if idem else None})
         try:
             await self.admission.check(request.model)
             slot = await self.quotas.acquire(
@@ -74,10 +78,6 @@ class Gateway:
         except ApiError as error:
             self.metrics.rejected.labels(error.code or "other").inc()
             raise
-        idem = request.idempotency_key
-        request = request.model_copy(update={
-            "metadata": {**request.metadata, "tenant": tenant.name},
-            "idempotency_key": f"{tenant.name}:{idem}"[:128] if idem else None})
         try:
             job_id = await self.producer.submit(request=request)
         except BaseException:

@@ -117,6 +117,10 @@ def test_unknown_jobs_and_bad_bodies_get_typed_errors(gateway: Any, image_server
         deep = http.post("/v1/jobs", content=b"[" * 40 + b"]" * 40)
         assert deep.status_code == 400 and deep.json()["error"]["code"] == "json_too_deep"
         assert http.post("/v1/jobs", content=b"{").json()["error"]["code"] == "invalid_json"
+        full = {f"k{i}": "v" for i in range(16)}  # the limit, before the tenant is added
+        crowded = http.post("/v1/jobs", json=job(image_server, metadata=full))
+        assert crowded.status_code == 400
+        assert "metadata: at most 16 entries" in crowded.json()["error"]["message"]
 
 
 def test_metrics_count_requests_by_route_and_status(gateway: Any) -> None:

@@ -148,6 +148,13 @@ def test_a_deep_queue_turns_new_jobs_away_with_retry_after(
     assert 'vlmq_gateway_rejected_total{reason="queue_depth"} 1.0' in metrics
 
 
+def test_not_ready_without_a_worker_but_alive(pair: list[GatewayProcess]) -> None:
+    assert httpx.get(f"{pair[0].url}/healthz").status_code == 200
+    ready = httpx.get(f"{pair[0].url}/readyz")
+    assert ready.status_code == 503 and ready.json() == {"ready": False, "redis": True,
+                                                         "models": []}
+
+
 def test_bodies_over_the_cap_are_refused_and_cors_is_off(pair: list[GatewayProcess],
                                                          keys: dict[str, str]) -> None:
     big = post_job(pair[0], keys["carol"], "m-big", metadata={"x": "y" * 5000})

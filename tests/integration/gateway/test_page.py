@@ -77,3 +77,24 @@ def test_the_page_streams_a_jobs_answer(browser: Any, gateway: Any, image_server
     wait.until(lambda b: b.find_elements("css selector", f'tr[data-job-id="{job_id}"]'))
     row = browser.find_element("css selector", f'tr[data-job-id="{job_id}"]')
     assert "SUCCEEDED" in row.text
+
+
+def test_cancel_on_the_page_cancels_the_job(browser: Any, gateway: Any,
+                                            producer: Producer) -> None:
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 120, poll_frequency=0.1)
+    browser.get(gateway.url + "/")
+    wait.until(lambda b: MODEL in [o.text for o in Select(b.find_element("id", "model")).options])
+    Select(browser.find_element("id", "model")).select_by_value(MODEL)
+    tokens = browser.find_element("id", "max-tokens")
+    tokens.clear()
+    tokens.send_keys("4096")
+    browser.find_element("id", "send").click()
+    wait.until(lambda b: text_of(b, "answer"))  # it streams
+    job_id = text_of(browser, "job-id")
+    browser.find_element("id", "cancel").click()
+    wait.until(lambda b: text_of(b, "status") == "cancelled")
+    state = producer.wait(job_id, timeout=60)
+    assert state.status == "CANCELLED" and state.finish_reason == "cancelled"
+    assert producer.result(job_id).text.startswith(text_of(browser, "answer"))
