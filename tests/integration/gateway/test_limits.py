@@ -148,6 +148,23 @@ def test_a_deep_queue_turns_new_jobs_away_with_retry_after(
     assert 'vlmq_gateway_rejected_total{reason="queue_depth"} 1.0' in metrics
 
 
+def test_a_stale_queue_turns_new_jobs_away(own_redis: RedisServer, keys: dict[str, str],
+                                           tmp_path: Any) -> None:
+    with Producer(own_redis.url) as producer:
+        job_id = producer.submit(prompt="waiting", model="m-old")
+        while time.time() - producer.status(job_id).created_at <= 1.0:
+            time.sleep(0.1)
+    gateway = GatewayProcess(own_redis.url, "--max-queued-age", "1", log_dir=str(tmp_path))
+    try:
+        gateway.wait_ready()
+        refused = post_job(gateway, keys["carol"], "m-old")
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_age"
+        assert refused.headers["retry-after"] == "5"
+        assert post_job(gateway, keys["carol"], "m-fresh").status_code == 202
+    finally:
+        gateway.stop()
+
+
 def test_not_ready_without_a_worker_but_alive(pair: list[GatewayProcess]) -> None:
     assert httpx.get(f"{pair[0].url}/healthz").status_code == 200
     ready = httpx.get(f"{pair[0].url}/readyz")
