@@ -101,6 +101,10 @@ async def page(request: Request) -> Response:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
+    # refused keys and oversized bodies; quotas and admission count where they refuse
+    if exc.status in (401, 413) or exc.code == "json_too_deep":
+        gw: Gateway = request.app.state.gateway
+        gw.metrics.rejected.labels(exc.code or str(exc.status)).inc()
     return exc.response()
 
 

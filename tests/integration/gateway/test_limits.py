@@ -4,6 +4,7 @@ with no worker: jobs stay queued, which is what fills queues and holds job slots
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -179,6 +180,9 @@ def test_bodies_over_the_cap_are_refused_and_cors_is_off(pair: list[GatewayProce
     preflight = httpx.options(f"{pair[0].url}/v1/jobs", headers={
         "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in preflight.headers
+    metrics = httpx.get(f"{pair[0].url}/metrics").text
+    assert 'vlmq_gateway_rejected_total{reason="body_too_large"} 1.0' in metrics
+    assert re.search(r'vlmq_gateway_rejected_total\{reason="invalid_api_key"\} [1-9]', metrics)
 
 
 def test_no_key_and_a_public_bind_refuse_to_start(own_redis: RedisServer) -> None:
