@@ -34,8 +34,9 @@ def _parser(env: dict[str, str]) -> argparse.ArgumentParser:
                         help="Celery broker if not the ledger Redis (env VLMQ_BROKER_URL)")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; others need a key to exist)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="allow a non-loopback bind while no API key exists")
     serve.add_argument("--requests-per-minute", type=int, default=0,
@@ -48,12 +49,16 @@ def _parser(env: dict[str, str]) -> argparse.ArgumentParser:
                        help="refuse new jobs (503) while the oldest queued job is older")
     serve.add_argument("--retry-after", type=int, default=5, metavar="SECONDS",
                        help="Retry-After sent with admission refusals (default 5)")
-    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
-    serve.add_argument("--max-json-depth", type=int, default=32)
-    serve.add_argument("--max-batch", type=int, default=64)
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                       help="larger request bodies get 413 (default 16 MiB)")
+    serve.add_argument("--max-json-depth", type=int, default=32,
+                       help="deeper JSON gets 400 (default 32)")
+    serve.add_argument("--max-batch", type=int, default=64,
+                       help="job requests per POST /v1/jobs:batch (default 64)")
     serve.add_argument("--cors-origin", action="append", default=[],
                        help="allow this browser origin (repeatable); CORS is off without it")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info",
+                       help="one line per request at info, with its tenant (default info)")
     key_cmd = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action",
                                                                             required=True)
     create = key_cmd.add_parser("create", help="create a key; prints it once")

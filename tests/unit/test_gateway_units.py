@@ -183,3 +183,23 @@ def test_keepalive_fills_silences_and_closing_runs_the_events_clean_up() -> None
     assert [s for s in seen if s != sse.KEEPALIVE] == [b"a", b"b"]
     assert seen.index(sse.KEEPALIVE) == 1
     assert cleaned == ["done"]
+
+
+@pytest.mark.parametrize(("origins", "allowed"), [((), None),
+                                                  (("https://app.example",), "https://app.example")])
+def test_cors_is_off_unless_an_origin_is_configured(origins: tuple[str, ...],
+                                                    allowed: str | None) -> None:
+    import httpx
+
+    from gateway.app import create_app
+
+    app = create_app(GatewaySettings(redis_url="redis://127.0.0.1:9/0", cors_origins=origins))
+
+    async def preflight() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            return await client.options("/v1/jobs", headers={
+                "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+
+    answer = asyncio.run(preflight())
+    assert answer.headers.get("access-control-allow-origin") == allowed
