@@ -2,10 +2,10 @@
 workers' advertisements, a queue's depth and its oldest queued job.
 
 THE ONE PLACE that reaches past ``AsyncProducer``: it calls the blocking ``Producer``'s admin
-views (``workers``, ``queue_depth``, ``jobs``; today they read the ``vlmq:worker:{id}`` health
-keys, the broker's lists and the queued index) in a thread, and caches each answer for
-``ttl_s`` so a burst of requests costs one look. Move this behind an async producer API when
-there is one; nothing else in the gateway needs to change.
+views (``workers``, ``queue_depth``; today they read the ``vlmq:worker:{id}`` health keys and
+the broker's lists) and reads the queued index (``producer.keys``) itself, in a thread, and
+caches each answer for ``ttl_s`` so a burst of requests costs one look. Move this behind an
+async producer API when there is one; nothing else in the gateway needs to change.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from producer import JobStatus, Producer
+from producer import Producer, keys
+
+CHUNK = 200
+SCAN_LIMIT = 2000  # queued jobs looked at, oldest first, to find one of the queue
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,19 @@ class Fleet:
         return QueueLoad(int(depth or 0), oldest)
 
     def _oldest(self, queue: str) -> float:
-        for state in self.producer.jobs(JobStatus.QUEUED, limit=500):  # oldest first
-            if state.queue == queue:
-                return max(0.0, time.time() - state.created_at)
+        """Age of the oldest QUEUED job of ``queue``: the queued index oldest first, in chunks,
+        reading only each record's ``queue`` field (not the whole request)."""
+        client = self.producer.redis
+        for start in range(0, SCAN_LIMIT, CHUNK):
+            found = client.zrange(keys.QUEUED_INDEX, start, start + CHUNK - 1, withscores=True)
+            if not found:
+                break
+            pipe = client.pipeline(transaction=False)
+            for job_id, _created in found:
+                pipe.hget(keys.job_key(_text(job_id)), "queue")
+            for (_job_id, created), owner in zip(found, pipe.execute(), strict=True):
+                if owner is not None and _text(owner) == queue:
+                    return max(0.0, time.time() - float(created))
         return 0.0
 
     def close(self) -> None:
