@@ -22,12 +22,18 @@ import redis
 from gateway.auth import KeyAdmin
 from gateway.settings import GatewaySettings, is_loopback
 from producer import keys
+from producer.s3 import S3Config
 
 
 def _parser(env: dict[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmq-gateway", description="HTTP gateway to vlmq: OpenAI chat completions, a job "
-        "API with resumable event streams, API keys, quotas, admission control, a test page.")
+        "API with resumable event streams, API keys, quotas, admission control, a test page.",
+        epilog="Like vlmq: results stored in S3 are read with VLMQ_S3_ENDPOINT_URL, "
+        "VLMQ_S3_REGION, VLMQ_S3_ACCESS_KEY_ID, VLMQ_S3_SECRET_ACCESS_KEY (else the AWS chain); "
+        "VLMQ_SECURITY_KEY and VLMQ_SECURITY_CERTIFICATE (VLMQ_SECURITY_KEY_PASSWORD) sign jobs "
+        "for workers that require it. Exit codes: 2 refused (bad key name, public bind without "
+        "a key), 3 no such key, 5 Redis unreachable.")
     parser.add_argument("--redis-url", default=env.get("VLMQ_REDIS_URL", keys.DEFAULT_REDIS_URL),
                         help="ledger Redis (env VLMQ_REDIS_URL); the gateway's keys live there")
     parser.add_argument("--broker-url", default=env.get("VLMQ_BROKER_URL"),
@@ -90,8 +96,11 @@ def _keys(args: argparse.Namespace) -> int:
     return 3
 
 
-def settings_from(args: argparse.Namespace) -> GatewaySettings:
+def settings_from(args: argparse.Namespace, env: dict[str, str]) -> GatewaySettings:
     return GatewaySettings(
+        s3=S3Config.from_env(env), security_key=env.get("VLMQ_SECURITY_KEY") or None,
+        security_certificate=env.get("VLMQ_SECURITY_CERTIFICATE") or None,
+        security_key_password=env.get("VLMQ_SECURITY_KEY_PASSWORD") or None,
         redis_url=args.redis_url, broker_url=args.broker_url, host=args.host, port=args.port,
         insecure_no_auth=args.insecure_no_auth, requests_per_minute=args.requests_per_minute,
         concurrent_jobs=args.concurrent_jobs, max_queue_depth=args.max_queue_depth,
@@ -100,8 +109,8 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         max_batch=args.max_batch, cors_origins=tuple(args.cors_origin))
 
 
-def _serve(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
+def _serve(args: argparse.Namespace, env: dict[str, str]) -> int:
+    settings = settings_from(args, env)
     if not is_loopback(settings.host) and not settings.insecure_no_auth \
             and not KeyAdmin(redis.Redis.from_url(settings.redis_url)).list():
         print(f"vlmq-gateway: refusing to serve {settings.host} with no API key: create one "
@@ -118,9 +127,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser(dict(os.environ)).parse_args(argv)
+    env = dict(os.environ)
+    args = _parser(env).parse_args(argv)
     try:
-        code = _keys(args) if args.command == "keys" else _serve(args)
+        code = _keys(args) if args.command == "keys" else _serve(args, env)
     except redis.RedisError as error:
         print(f"vlmq-gateway: Redis: {error}", file=sys.stderr)
         code = 5

@@ -37,7 +37,10 @@ class Gateway:
 
     @classmethod
     def build(cls, settings: GatewaySettings) -> Gateway:
-        producer = AsyncProducer(settings.redis_url, broker_url=settings.broker_url)
+        producer = AsyncProducer(settings.redis_url, broker_url=settings.broker_url,
+                                 s3=settings.s3, security_key=settings.security_key,
+                                 security_certificate=settings.security_certificate,
+                                 security_key_password=settings.security_key_password)
         client = aioredis.Redis.from_url(settings.redis_url)
         metrics = Metrics(settings)
         fleet = Fleet(Producer(settings.redis_url, broker_url=settings.broker_url))

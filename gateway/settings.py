@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from producer import keys
+from producer.s3 import S3Config  # AsyncProducer's own parameter type
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class GatewaySettings:
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     recent_jobs: int = 100  # jobs kept per tenant for the jobs view
     job_retention_s: int = 24 * 3600  # how long the gateway's own job marks live
+    # passed to the producer as they are: results stored in S3, signed jobs
+    s3: S3Config = field(default_factory=S3Config)
+    security_key: str | None = None
+    security_certificate: str | None = None
+    security_key_password: str | None = field(default=None, repr=False)
 
 
 def is_loopback(host: str) -> bool:
