@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
-from demo.servers import ImageServer, RedisServer, WorkerProcess
+from tests.servers import ImageServer, RedisServer, WorkerProcess
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 THREADS = int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1)))

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from bench.common import QUICK, jobs, report, service, summary
-from demo.servers import GatewayProcess
+from tests.servers import GatewayProcess
 from worker.tiny import tiny_model_path
 
 NAME = "bench-gateway"

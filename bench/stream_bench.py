@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.common import QUICK, jobs, report, service, summary, worker_env
 from bench.engine_bench import burst
-from demo.servers import WorkerProcess
+from tests.servers import WorkerProcess
 from worker.tiny import tiny_model_path
 
 CONCURRENT = 8

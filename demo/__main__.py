@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from demo.servers import ImageServer, RedisServer, WorkerProcess
 from producer import JobFailed, Producer
+from tests.servers import ImageServer, RedisServer, WorkerProcess
 from worker.settings import DEFAULT_MODEL
 
 HERE = Path(__file__).parent

@@ -11,7 +11,7 @@ from gateway.errors import ApiError
 from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
-from producer import keys
+from producer.broker import queue_for_model  # the queue the producer sends a model to
 
 
 class Admission:
@@ -27,7 +27,7 @@ class Admission:
     async def check(self, model: str | None) -> None:
         if not self.enabled:
             return
-        queue = keys.queue_for_model(model)
+        queue = queue_for_model(model)
         load = await self.fleet.load(queue)
         self.metrics.queue_depth.labels(queue).set(load.depth)
         self.metrics.oldest_queued.labels(queue).set(load.oldest_age_s)

@@ -11,6 +11,7 @@ header is ignored); once one exists, every request needs a valid key.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import time
@@ -44,8 +45,7 @@ def _text(value: Any) -> str:
 
 
 def _limit(value: Any) -> int | None:
-    text = _text(value) if value is not None else ""
-    return int(text) if text.isdigit() else None
+    return int(value) if isinstance(value, int) and value >= 0 else None
 
 
 class KeyAdmin:
@@ -58,41 +58,34 @@ class KeyAdmin:
                concurrent_jobs: int | None = None) -> str:
         if not NAME.match(name):
             raise ValueError("a key name is 1-64 letters, digits, '.', '_' or '-'")
-        if self.redis.hexists(names.KEYS_INDEX, name):
-            raise ValueError(f"a key named {name!r} exists; revoke it first")
         key = "vlmq_" + secrets.token_urlsafe(32)
-        record: dict[str | bytes, bytes | float | int | str] = {
-            "name": name, "prefix": key[:9], "created_at": repr(time.time())}
-        if requests_per_minute is not None:
-            record["requests_per_minute"] = str(requests_per_minute)
-        if concurrent_jobs is not None:
-            record["concurrent_jobs"] = str(concurrent_jobs)
+        hashed = digest(key)
+        if not self.redis.set(names.key_name(name), hashed, nx=True):
+            raise ValueError(f"a key named {name!r} exists; revoke it first")
+        record = {"name": name, "prefix": key[:9], "created_at": time.time(),
+                  "requests_per_minute": requests_per_minute, "concurrent_jobs": concurrent_jobs}
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(names.key_record(digest(key)), mapping=record)
-        pipe.hset(names.KEYS_INDEX, name, digest(key))
+        pipe.set(names.key_record(hashed), json.dumps(record))
+        pipe.sadd(names.KEY_NAMES, name)
         pipe.execute()
         return key
 
     def list(self) -> list[dict[str, Any]]:
-        found = []
-        for name, hashed in sorted(self.redis.hgetall(names.KEYS_INDEX).items()):
-            raw = self.redis.hgetall(names.key_record(_text(hashed)))
-            record = {_text(k): _text(v) for k, v in raw.items()}
-            found.append({"name": _text(name), "prefix": record.get("prefix", ""),
-                          "created_at": float(record.get("created_at", 0) or 0),
-                          "requests_per_minute": _limit(record.get("requests_per_minute")),
-                          "concurrent_jobs": _limit(record.get("concurrent_jobs"))})
-        return found
+        found = sorted(_text(n) for n in self.redis.smembers(names.KEY_NAMES))
+        hashes = self.redis.mget([names.key_name(n) for n in found]) if found else []
+        present = [_text(h) for h in hashes if h]
+        records = self.redis.mget([names.key_record(h) for h in present]) if present else []
+        return [json.loads(r) for r in records if r]
 
     def revoke(self, name: str) -> bool:
-        hashed = self.redis.hget(names.KEYS_INDEX, name)
-        if hashed is None:
-            return False
+        hashed = self.redis.get(names.key_name(name))
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(names.key_record(_text(hashed)))
-        pipe.hdel(names.KEYS_INDEX, name)
+        if hashed is not None:
+            pipe.delete(names.key_record(_text(hashed)))
+        pipe.delete(names.key_name(name))
+        pipe.srem(names.KEY_NAMES, name)
         pipe.execute()
-        return True
+        return hashed is not None
 
 
 class Authenticator:
@@ -106,7 +99,7 @@ class Authenticator:
     async def any_keys(self) -> bool:
         checked, found = self._any
         if time.monotonic() - checked > CACHE_S:
-            found = bool(await self.redis.hlen(names.KEYS_INDEX))
+            found = bool(await self.redis.scard(names.KEY_NAMES))
             self._any = (time.monotonic(), found)
         return found
 
@@ -130,8 +123,8 @@ class Authenticator:
         cached = self._cache.get(hashed)
         if cached and time.monotonic() - cached[0] < CACHE_S:
             return cached[1]
-        raw = await self.redis.hgetall(names.key_record(hashed))
-        record = {_text(k): _text(v) for k, v in raw.items()}
+        raw = await self.redis.get(names.key_record(hashed))
+        record = json.loads(raw) if raw else {}
         found = Tenant(record["name"], _limit(record.get("requests_per_minute")),
                        _limit(record.get("concurrent_jobs"))) if "name" in record else None
         if len(self._cache) > 10_000:

@@ -1,17 +1,22 @@
-"""Every Redis key the gateway owns, in one place: all under ``vlmq:gw:``.
-
-The ledger's own keys (jobs, streams, queues) belong to the producer (``producer.keys``).
+"""Every Redis key the gateway owns, in one place: all under ``vlmq:gw:``, plain strings, sets
+and lists (the ledger's keys: jobs, streams, indexes, are the producer's alone).
 """
 
 from __future__ import annotations
 
 PREFIX = "vlmq:gw"
-KEYS_INDEX = f"{PREFIX}:keys"  # HASH key name -> sha256 digest of the key (listing, revoking)
+KEY_NAMES = f"{PREFIX}:keys"  # SET of API key names (listing; any key exists?)
 
 
 def key_record(digest: str) -> str:
-    """HASH of one API key, found by the sha256 of the key: name, prefix, created_at, limits."""
+    """STRING (JSON) of one API key, found by the key's sha256: name, prefix, created_at,
+    its own limits if any."""
     return f"{PREFIX}:key:{digest}"
+
+
+def key_name(name: str) -> str:
+    """STRING: the sha256 of the key with this name (names are unique)."""
+    return f"{PREFIX}:name:{name}"
 
 
 def rate_key(tenant: str) -> str:
@@ -20,12 +25,13 @@ def rate_key(tenant: str) -> str:
 
 
 def active_key(tenant: str) -> str:
-    """ZSET of the tenant's unfinished jobs (``j:<id>``) and reservations (``r:<token>``)."""
+    """SET of the tenant's job slots: ``j:<expiry ms>:<job id>`` and ``r:<expiry ms>:<token>``
+    (a reservation until the job exists)."""
     return f"{PREFIX}:active:{tenant}"
 
 
 def recent_key(tenant: str) -> str:
-    """ZSET job id -> created time: the tenant's recent jobs (the page's jobs view)."""
+    """LIST of the tenant's recent job ids, newest first (the page's jobs view)."""
     return f"{PREFIX}:recent:{tenant}"
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.quotas import Quotas
 from gateway.settings import GatewaySettings
-from producer import InvalidRequestError, JobRequest, Producer
+from producer import InvalidRequestError, JobRequest
 from producer.aio import AsyncProducer
 from producer.schema import DEFAULT_LIMITS
 
@@ -43,15 +42,14 @@ class Gateway:
                                  security_key_password=settings.security_key_password)
         client = aioredis.Redis.from_url(settings.redis_url)
         metrics = Metrics(settings)
-        fleet = Fleet(Producer(settings.redis_url, broker_url=settings.broker_url))
+        fleet = Fleet(producer)
         return cls(settings, producer, client, Authenticator(client),
-                   Quotas(client, settings.job_retention_s), fleet,
+                   Quotas(client, producer, settings.job_retention_s), fleet,
                    Admission(fleet, settings, metrics), metrics)
 
     async def close(self) -> None:
         await self.producer.close()
         await self.redis.aclose()  # type: ignore[attr-defined]
-        self.fleet.close()
 
     async def tenant(self, request: Request) -> Tenant:
         found = await self.auth.tenant(request.headers.get("authorization"))
@@ -93,10 +91,11 @@ class Gateway:
 
     async def _remember(self, tenant: str, job_id: str) -> None:
         keep = self.settings.job_retention_s
+        if not await self.redis.set(names.owner_key(job_id), tenant, ex=keep, nx=True):
+            return  # known already (the same Idempotency-Key again)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(names.owner_key(job_id), tenant, ex=keep, nx=True)
-        pipe.zadd(names.recent_key(tenant), {job_id: time.time()}, nx=True)
-        pipe.zremrangebyrank(names.recent_key(tenant), 0, -self.settings.recent_jobs - 1)
+        pipe.lpush(names.recent_key(tenant), job_id)
+        pipe.ltrim(names.recent_key(tenant), 0, self.settings.recent_jobs - 1)
         pipe.expire(names.recent_key(tenant), keep)
         await pipe.execute()
 
@@ -110,7 +109,7 @@ class Gateway:
                            param="job_id")
 
     async def recent(self, tenant: str, limit: int) -> list[str]:
-        found = await self.redis.zrevrange(names.recent_key(tenant), 0, limit - 1)
+        found = await self.redis.lrange(names.recent_key(tenant), 0, limit - 1)
         return [i.decode() for i in found]
 
 

@@ -1,12 +1,10 @@
-"""Operator views and actions: stats, job listing, retry, purge (``vlmq stats|jobs|retry|purge``).
-
-Mixed into ``Producer``; they read the ledger indexes and the broker:
+"""Operator views and actions (``vlmq stats|jobs|retry|purge``), as operations both producers run.
 
 - ``stats()``: queue depth per known queue (``vlmq``, ``vlmq.*`` broker lists and the queues live
   workers report), the oldest queued job and its age, job counts by status, live workers.
 - ``jobs(status, limit)``: job states from the indexes, newest first for finished ones.
-- ``retry(id)``: a FAILED or EXPIRED job back to QUEUED with the same id (``Ledger.retry``,
-  atomic), then its task is sent again.
+- ``retry(id)``: a FAILED or EXPIRED job back to QUEUED with the same id (atomic), then its task
+  is sent again.
 - ``purge(queue)``: deletes the queue's waiting messages and cancels every job they carried plus
   every QUEUED job recorded for that queue; the records stay (CANCELLED, kept for the retention
   period like any finished job). RUNNING jobs are not touched.
@@ -14,130 +12,86 @@ Mixed into ``Producer``; they read the ledger indexes and the broker:
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from celery import Celery
-from redis import Redis
-
-from producer import keys
+from producer import keys, records
+from producer.broker import Broker
 from producer.errors import JobNotFound, NotAllowed
-from producer.jobs import Ledger, parse_state
+from producer.records import Index, LedgerConfig
+from producer.replies import CancelOutcome, RetryOutcome, text
 from producer.schema import JobState, JobStatus
+from producer.steps import Blocking, Op, call
 
-_SEP = "\x06\x16"  # kombu's Redis transport: <queue><SEP><priority> holds priority > 0
 _CHUNK = 500
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+class AdminCore:
+    def __init__(self, ledger: LedgerConfig, broker: Broker) -> None:
+        self.ledger = ledger
+        self.broker = broker
 
+    @staticmethod
+    def not_found(job_id: str) -> JobNotFound:
+        return JobNotFound(job_id)
 
-def _lists(queue: str) -> list[str]:
-    return [queue] + [f"{queue}{_SEP}{priority}" for priority in range(1, 10)]
+    def status(self, job_id: str) -> Op[JobState]:
+        state = yield from records.state(job_id)
+        if state is None:
+            raise JobNotFound(job_id)
+        return state
 
-
-def _task_id(payload: bytes) -> str | None:
-    try:
-        return str(json.loads(payload)["headers"]["id"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-class AdminMixin:
-    ledger: Ledger
-    redis: Redis
-    broker_url: str
-    _celery: Celery
-
-    def enqueue(self, job_id: str, queue: str = keys.DEFAULT_QUEUE) -> None:
-        raise NotImplementedError
-
-    def status(self, job_id: str) -> JobState:
-        raise NotImplementedError
-
-    # -- broker ----------------------------------------------------------------------------
-
-    def _broker_redis(self) -> Redis | None:
-        if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
-            return None
-        cached = getattr(self, "_broker_client", None)
-        if cached is None:
-            cached = Redis.from_url(self.broker_url)
-            self._broker_client = cached
-        return cached
-
-    def queue_depth(self, queue: str) -> int | None:
-        """Messages waiting in ``queue`` (None when the broker cannot say)."""
-        broker = self._broker_redis()
-        if broker is not None:
-            pipe = broker.pipeline(transaction=False)
-            for name in _lists(queue):
-                pipe.llen(name)
-            return int(sum(pipe.execute()))
-        try:
-            with self._celery.connection_for_read() as conn:
-                return int(conn.default_channel.queue_declare(queue=queue, passive=True)
-                           .message_count)
-        except Exception:  # no such queue yet, or the broker is away
-            return None
-
-    def workers(self) -> list[dict[str, Any]]:
-        """Live workers' last health reports (``vlmq:worker:*``, kept for three beats)."""
-        names = sorted(_text(k) for k in self.redis.scan_iter(match=keys.WORKER_PATTERN))
-        found = []
-        for raw in self.redis.mget(names) if names else []:
-            if raw:
-                try:
-                    found.append(json.loads(raw))
-                except ValueError:
-                    continue
-        return found
-
-    def queue_names(self) -> list[str]:
-        names = {keys.DEFAULT_QUEUE}
-        broker = self._broker_redis()
-        if broker is not None:
-            for raw in broker.scan_iter(match=f"{keys.DEFAULT_QUEUE}*", _type="list"):
-                name = _text(raw)
-                if keys.is_queue_list(name):
-                    names.add(name.split(_SEP, 1)[0])
-        for worker in self.workers():
-            names.update(str(q) for q in worker.get("queues", []))
-        return sorted(names)
+    def enqueue(self, job_id: str, queue: str = keys.DEFAULT_QUEUE) -> Op[None]:
+        """Send the task message for an existing record (also used to re-send a lost one)."""
+        yield Blocking(functools.partial(self.broker.send, job_id, queue))
 
     # -- views -----------------------------------------------------------------------------
 
-    def _states(self, ids: list[str]) -> list[JobState]:
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hgetall(keys.job_key(job_id))
-        states = []
-        for raw in pipe.execute():
-            if raw:
-                states.append(parse_state({_text(k): _text(v) for k, v in raw.items()}))
-        return states
+    def queue_depth(self, queue: str) -> Op[int | None]:
+        """Messages waiting in ``queue`` (None when the broker cannot say)."""
+        found = yield Blocking(functools.partial(self.broker.depth, queue))
+        return found  # type: ignore[no-any-return]
 
-    def _index_ids(self, index: str, newest_first: bool) -> Iterator[list[str]]:
+    def workers(self) -> Op[list[dict[str, Any]]]:
+        """Live workers' last health reports (``vlmq:worker:*``, kept for three beats)."""
+        names: set[str] = set()
+        cursor = 0
+        while True:
+            cursor, found = yield call("SCAN", cursor, "MATCH", keys.WORKER_PATTERN, "COUNT", 500)
+            names.update(text(name) for name in found)
+            if not int(cursor):
+                break
+        reports = []
+        for raw in (yield call("MGET", *sorted(names))) if names else []:
+            if not raw:
+                continue
+            try:
+                reports.append(json.loads(raw))
+            except ValueError:
+                continue
+        return reports
+
+    def queue_names(self) -> Op[list[str]]:
+        names = {keys.DEFAULT_QUEUE}
+        names.update((yield Blocking(self.broker.queue_names)))
+        for worker in (yield from self.workers()):
+            names.update(str(q) for q in worker.get("queues", []))
+        return sorted(names)
+
+    def _pages(self, index: Index, newest_first: bool) -> Iterator[Op[list[str]]]:
         start = 0
         while True:
-            if newest_first:
-                chunk = self.redis.zrevrange(index, start, start + _CHUNK - 1)
-            else:
-                chunk = self.redis.zrange(index, start, start + _CHUNK - 1)
-            if not chunk:
-                return
-            yield [_text(i) for i in chunk]
+            yield records.index_ids(index, start, _CHUNK, newest_first)
             start += _CHUNK
 
-    def jobs(self, status: JobStatus | str | None = None, limit: int = 50) -> list[JobState]:
+    def jobs(self, status: JobStatus | str | None = None, limit: int = 50) -> Op[list[JobState]]:
         """Jobs with ``status`` (any when None): queued and running ones oldest first, finished
         ones newest first; at most ``limit``."""
         wanted = JobStatus(status) if status else None
-        sources = [(keys.QUEUED_INDEX, False), (keys.RUNNING_INDEX, False),
-                   (keys.TERMINAL_INDEX, True)]
+        sources = [(Index.QUEUED, False), (Index.RUNNING, False), (Index.DONE, True)]
         if wanted == JobStatus.QUEUED:
             sources = sources[:1]
         elif wanted == JobStatus.RUNNING:
@@ -147,8 +101,11 @@ class AdminMixin:
         found: list[JobState] = []
         seen: set[str] = set()
         for index, newest_first in sources:
-            for ids in self._index_ids(index, newest_first):
-                for state in self._states([i for i in ids if i not in seen]):
+            for page in self._pages(index, newest_first):
+                ids = yield from page
+                if not ids:
+                    break
+                for state in (yield from records.states([i for i in ids if i not in seen])):
                     seen.add(state.job_id)
                     if wanted is None or state.status == wanted:
                         found.append(state)
@@ -156,69 +113,61 @@ class AdminMixin:
                             return found
         return found
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> Op[dict[str, Any]]:
         """Queue depths, the oldest queued job, job counts by status, live workers."""
         now = time.time()
         counts = {status.value: 0 for status in JobStatus}
-        counts[JobStatus.QUEUED.value] = int(self.redis.zcard(keys.QUEUED_INDEX))
-        counts[JobStatus.RUNNING.value] = int(self.redis.zcard(keys.RUNNING_INDEX))
-        for ids in self._index_ids(keys.TERMINAL_INDEX, newest_first=False):
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.hget(keys.job_key(job_id), "status")
-            for raw in pipe.execute():
-                status = _text(raw) if raw else ""
+        counts[JobStatus.QUEUED.value] = yield from records.index_size(Index.QUEUED)
+        counts[JobStatus.RUNNING.value] = yield from records.index_size(Index.RUNNING)
+        for page in self._pages(Index.DONE, newest_first=False):
+            ids = yield from page
+            if not ids:
+                break
+            for status in (yield from records.statuses(ids)):
                 if status in counts and JobStatus(status).terminal:
                     counts[status] += 1
-        oldest = None
-        first = self.redis.zrange(keys.QUEUED_INDEX, 0, 0, withscores=True)
-        if first:
-            job_id, score = first[0]
-            oldest = {"job_id": _text(job_id), "age_s": round(max(0.0, now - score), 3)}
+        first = yield from records.oldest(Index.QUEUED)
+        oldest = None if first is None else {
+            "job_id": first[0], "age_s": round(max(0.0, now - first[1]), 3)}
         workers = [{"worker": w.get("worker"), "model": w.get("model"),
                     "queues": w.get("queues"), "consuming": w.get("consuming"),
-                    "age_s": round(now - float(w.get("ts", now)), 3)} for w in self.workers()]
-        return {"queues": {name: self.queue_depth(name) for name in self.queue_names()},
-                "oldest_queued": oldest, "jobs": counts, "workers": workers}
+                    "age_s": round(now - float(w.get("ts", now)), 3)}
+                   for w in (yield from self.workers())]
+        queues = {}
+        for name in (yield from self.queue_names()):
+            queues[name] = yield from self.queue_depth(name)
+        return {"queues": queues, "oldest_queued": oldest, "jobs": counts, "workers": workers}
 
     # -- actions ---------------------------------------------------------------------------
 
-    def retry(self, job_id: str) -> JobState:
+    def retry(self, job_id: str) -> Op[JobState]:
         """Run a FAILED or EXPIRED job again under the same id (attempts from 0, attempt history
         kept). Raises JobNotFound, or NotAllowed for a job in any other status."""
-        answer = self.ledger.retry(job_id)
-        if answer == "missing":
+        answer = yield from records.retry(job_id)
+        if answer.outcome is RetryOutcome.MISSING:
             raise JobNotFound(job_id)
-        if answer != "queued":
-            raise NotAllowed(f"job {job_id} is {answer}: only FAILED or EXPIRED jobs can be "
-                             "retried")
-        state = self.status(job_id)
-        self.enqueue(job_id, state.queue)
+        if answer.outcome is not RetryOutcome.QUEUED:
+            raise NotAllowed(f"job {job_id} is {answer.status}: only FAILED or EXPIRED jobs "
+                             "can be retried")
+        state = yield from self.status(job_id)
+        yield from self.enqueue(job_id, state.queue)
         return state
 
-    def purge(self, queue: str) -> dict[str, Any]:
+    def purge(self, queue: str) -> Op[dict[str, Any]]:
         """Delete the messages waiting in ``queue`` and cancel their jobs and every other
         QUEUED job recorded for that queue. Returns counts and the cancelled ids."""
-        carried: set[str] = set()
-        broker = self._broker_redis()
-        if broker is not None:
-            names = _lists(queue)
-            pipe = broker.pipeline(transaction=True)
-            for name in names:
-                pipe.lrange(name, 0, -1)
-            for name in names:
-                pipe.delete(name)
-            answers = pipe.execute()[: len(names)]
-            payloads = [payload for answer in answers for payload in answer]
-            deleted = len(payloads)
-            carried = {i for i in map(_task_id, payloads) if i}
-        else:
-            with self._celery.connection_for_write() as conn:
-                deleted = int(conn.default_channel.queue_purge(queue) or 0)
+        deleted, carried = yield Blocking(functools.partial(self.broker.purge, queue))
         candidates = set(carried)
-        for ids in self._index_ids(keys.QUEUED_INDEX, newest_first=False):
-            candidates.update(s.job_id for s in self._states(ids) if s.queue == queue)
-        cancelled = sorted(i for i in candidates
-                           if self.ledger.cancel(i, queued_only=True) == "cancelled")
+        for page in self._pages(Index.QUEUED, newest_first=False):
+            ids = yield from page
+            if not ids:
+                break
+            candidates.update(s.job_id for s in (yield from records.states(ids))
+                              if s.queue == queue)
+        cancelled = []
+        for job_id in sorted(candidates):
+            answer = yield from records.cancel(self.ledger, job_id, queued_only=True)
+            if answer.outcome is CancelOutcome.CANCELLED:
+                cancelled.append(job_id)
         return {"queue": queue, "messages_deleted": deleted, "jobs_cancelled": len(cancelled),
                 "job_ids": cancelled}

@@ -1,52 +1,139 @@
-"""AsyncProducer: the Producer's submit / status / result / stream / cancel on redis.asyncio.
+"""AsyncProducer: the Producer's methods on redis.asyncio, running the same operations.
 
-Same semantics as ``producer.client.Producer``: the record is written before the task is sent;
-``stream`` replays the Redis Stream and then follows it live until the terminal event.
-The Celery message is sent by the blocking Celery client in a thread (it is one small write).
+Every method awaits the operation of ``producer.core`` that ``Producer`` runs blocking, so both
+have the same methods, arguments, answers and errors. Steps that block off Redis (sending the
+Celery message, reading S3) run in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 
-from producer import keys, scripts
-from producer.client import broker_queue, build_request, make_celery, new_events
-from producer.errors import JobFailed, JobNotFound, JobTimeout
-from producer.jobs import DEFAULT_RETENTION_S, DEFAULT_STREAM_MAXLEN, new_record, parse_result
-from producer.jobs import parse_state as _parse_state
+from producer import keys
+from producer.broker import Broker, make_celery
+from producer.core import ClientCore
+from producer.records import DEFAULT_RETENTION_S, LedgerConfig
 from producer.s3 import ResultReader, S3Config
-from producer.schema import DEFAULT_LIMITS, JobRequest, JobResult, JobState, JobStatus, Limits
+from producer.schema import (
+    DEFAULT_LIMITS,
+    JobRequest,
+    JobResult,
+    JobState,
+    JobStatus,
+    Limits,
+    StreamEvent,
+)
 from producer.signing import signer_from
+from producer.steps import Batch, Blocking, Call, Emit, Eval, Op, Step
+from producer.transport import RETRY_ON, Refused, backoff, refused
+
+T = TypeVar("T")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+class _RetryUnlessRefused(Retry):
+    """redis.asyncio's Retry, except that refused credentials and certificates are raised at
+    once (as ``producer.transport.connect`` does)."""
+
+    async def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        async def once() -> Any:
+            try:
+                return await do()
+            except redis.ConnectionError as error:
+                if refused(error):
+                    raise Refused(error) from error
+                raise
+
+        try:
+            return await super().call_with_retry(once, fail, *args, **kwargs)
+        except Refused as final:
+            raise final.error from None
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, retry=_RetryUnlessRefused(backoff(), 6),
+                                   retry_on_error=RETRY_ON, health_check_interval=30)
+
+
+async def execute(client: aioredis.Redis, step: Step) -> Any:
+    """``producer.transport.execute``, awaited."""
+    if isinstance(step, Call):
+        return await client.execute_command(*step.args)
+    if isinstance(step, Blocking):
+        return await asyncio.to_thread(step.fn)
+    try:
+        if isinstance(step, Eval):
+            return await client.evalsha(step.script.sha, len(step.keys), *step.keys,
+                                        *step.args)  # type: ignore[misc]
+        assert isinstance(step, Batch)
+        async with client.pipeline(transaction=step.atomic) as pipe:
+            for item in step.steps:
+                if isinstance(item, Eval):
+                    pipe.evalsha(item.script.sha, len(item.keys), *item.keys, *item.args)
+                else:
+                    pipe.execute_command(*item.args)
+            return list(await pipe.execute())
+    except redis.exceptions.NoScriptError:
+        scripts = [step.script] if isinstance(step, Eval) else [
+            s.script for s in step.steps if isinstance(s, Eval)]  # type: ignore[union-attr]
+        for script in {s.name: s for s in scripts}.values():
+            await client.script_load(script.lua)
+        return await execute(client, step)
+
+
+async def iterate(client: aioredis.Redis, op: Op[Any]) -> AsyncIterator[Any]:
+    reply: Any = None
+    while True:
+        try:
+            step = op.send(reply)
+        except StopIteration:
+            return
+        if isinstance(step, Emit):
+            for item in step.items:
+                yield item
+            reply = None
+        else:
+            reply = await execute(client, step)
+
+
+async def run(client: aioredis.Redis, op: Op[T]) -> T:
+    reply: Any = None
+    while True:
+        try:
+            step = op.send(reply)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        reply = None if isinstance(step, Emit) else await execute(client, step)
 
 
 class AsyncProducer:
+    """``Producer`` on asyncio: the same constructor, methods and errors, awaited."""
+
     def __init__(self, redis_url: str = keys.DEFAULT_REDIS_URL, *, broker_url: str | None = None,
                  limits: Limits = DEFAULT_LIMITS, retention_s: int = DEFAULT_RETENTION_S,
                  s3: S3Config | None = None, security_key: str | None = None,
                  security_certificate: str | None = None,
                  security_key_password: str | None = None) -> None:
-        self._signer = signer_from(security_key, security_certificate, security_key_password)
-        self.redis = aioredis.Redis.from_url(redis_url)
-        self._s3 = ResultReader(s3 or S3Config())
+        signer = signer_from(security_key, security_certificate, security_key_password)
+        self.redis = connect(redis_url)
         self.limits = limits
-        self.retention_s = retention_s
         self.broker_url = broker_url or redis_url
-        self._celery = make_celery(self.broker_url, self._signer)
-        self._create = self.redis.register_script(scripts.CREATE)
-        self._cancel = self.redis.register_script(scripts.CANCEL)
+        self._celery = make_celery(self.broker_url, signer)
+        self._broker = Broker(self._celery, self.broker_url)
+        self._core = ClientCore(LedgerConfig(retention_s, signer=signer), self._broker,
+                                ResultReader(s3 or S3Config()), limits)
+
+    async def _run(self, op: Op[T]) -> T:
+        return await run(self.redis, op)
 
     async def close(self) -> None:
         await self.redis.aclose()  # type: ignore[attr-defined]
+        await asyncio.to_thread(self._broker.close)
 
     async def __aenter__(self) -> AsyncProducer:
         return self
@@ -57,67 +144,50 @@ class AsyncProducer:
     async def submit(self, messages: list[dict[str, Any]] | None = None, *,
                      prompt: str | None = None, images: list[str] | None = None,
                      request: JobRequest | None = None, **options: Any) -> str:
-        if request is None:
-            request = build_request(messages, prompt=prompt, images=images, limits=self.limits,
-                                    **options)
-        queue = keys.queue_for_model(request.model)
-        job_id, now = uuid.uuid4().hex, time.time()
-        record = new_record(job_id, request, queue, now, self._signer)
-        flat = [v for pair in record.items() for v in pair]
-        idem = keys.idempotency_key(request.idempotency_key) if request.idempotency_key else ""
-        created, found = await self._create(
-            keys=[keys.job_key(job_id), idem], args=[job_id, repr(now), self.retention_s, *flat])
-        if created:
-            await asyncio.to_thread(self._celery.send_task, keys.TASK_GENERATE, args=[job_id],
-                                    queue=broker_queue(queue, self.broker_url), task_id=job_id)
-        return _text(found)
+        return await self._run(self._core.submit(messages, prompt=prompt, images=images,
+                                                 request=request, **options))
 
-    async def _raw(self, job_id: str) -> dict[str, str] | None:
-        raw = await self.redis.hgetall(keys.job_key(job_id))
-        return {_text(k): _text(v) for k, v in raw.items()} if raw else None
+    async def enqueue(self, job_id: str, queue: str = keys.DEFAULT_QUEUE) -> None:
+        await self._run(self._core.enqueue(job_id, queue))
 
     async def status(self, job_id: str) -> JobState:
-        raw = await self._raw(job_id)
-        if raw is None:
-            raise JobNotFound(job_id)
-        return _parse_state(raw)
+        return await self._run(self._core.status(job_id))
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobState:
+        return await self._run(self._core.wait(job_id, timeout))
 
     async def result(self, job_id: str, timeout: float | None = None) -> JobResult:
-        try:
-            async with asyncio.timeout(timeout):
-                async for _event in self.stream(job_id):
-                    pass
-        except TimeoutError:
-            raise JobTimeout(f"job {job_id} not finished after {timeout}s") from None
-        raw = await self._raw(job_id) or {}
-        state = _parse_state(raw)
-        found = parse_result(raw)
-        if found is None and state.result_uri and state.status != JobStatus.FAILED:
-            found = await asyncio.to_thread(self._s3.read, state.result_uri)
-        if found is None or state.status == JobStatus.FAILED:
-            raise JobFailed(state)
-        return found
+        return await self._run(self._core.result(job_id, timeout))
+
+    async def result_url(self, job_id: str, expires_s: int = 3600) -> str:
+        return await self._run(self._core.result_url(job_id, expires_s))
 
     async def cancel(self, job_id: str) -> str:
-        answer = _text(await self._cancel(
-            keys=[keys.job_key(job_id), keys.stream_key(job_id), keys.token_channel(job_id)],
-            args=[repr(time.time()), self.retention_s, DEFAULT_STREAM_MAXLEN]))
-        if answer == "missing":
-            raise JobNotFound(job_id)
-        return answer
+        return await self._run(self._core.cancel(job_id))
 
-    async def stream(self, job_id: str, after: int | None = None) -> AsyncIterator[Any]:
-        if await self._raw(job_id) is None:
-            raise JobNotFound(job_id)
-        skey = keys.stream_key(job_id)
-        last_id: Any = "0-0"
-        while True:
-            found = await self.redis.xread({skey: last_id}, block=1000, count=500)
-            last_id, events = new_events(found, last_id, after)
-            for event in events:
-                yield event
-            if events and events[-1].terminal:
-                return
-            if not found and await self._raw(job_id) is None:
-                raise JobNotFound(job_id)
+    async def stream(self, job_id: str, after: int | None = None,
+                     timeout: float | None = None) -> AsyncIterator[StreamEvent]:
+        async for event in iterate(self.redis, self._core.stream(job_id, after, timeout)):
+            yield event
 
+    async def queue_depth(self, queue: str) -> int | None:
+        return await self._run(self._core.queue_depth(queue))
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return await self._run(self._core.workers())
+
+    async def queue_names(self) -> list[str]:
+        return await self._run(self._core.queue_names())
+
+    async def jobs(self, status: JobStatus | str | None = None,
+                   limit: int = 50) -> list[JobState]:
+        return await self._run(self._core.jobs(status, limit))
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._run(self._core.stats())
+
+    async def retry(self, job_id: str) -> JobState:
+        return await self._run(self._core.retry(job_id))
+
+    async def purge(self, queue: str) -> dict[str, Any]:
+        return await self._run(self._core.purge(queue))

@@ -53,11 +53,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="image source: http(s) URL, s3://bucket/key or data: URI; repeatable")
     submit.add_argument("--messages", metavar="FILE",
                         help="JSON file ('-' for stdin) with a chat conversation (messages list)")
+    submit.add_argument("--parts", metavar="FILE",
+                        help="JSON file ('-' for stdin) with a completion prompt (prompt_parts: "
+                             "text strings and image parts, no chat template)")
     submit.add_argument("--max-new-tokens", type=int, default=None)
     submit.add_argument("--temperature", type=float, default=None)
     submit.add_argument("--do-sample", action="store_true", default=None)
     submit.add_argument("--seed", type=int, default=None)
     submit.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
+    submit.add_argument("--bad-word", action="append", default=None, dest="bad_words",
+                        help="string the answer may not contain (as tokens); repeatable")
+    submit.add_argument("--end-token", action="append", default=None, dest="end_tokens",
+                        help="one token of the model that ends the answer; repeatable")
+    submit.add_argument("--num-beams", type=int, default=None, help="beam search when > 1")
     submit.add_argument("--model", default=None, help="route to this model's queue")
     submit.add_argument("--ttl", type=float, default=None, dest="ttl_s",
                         help="seconds before an unfinished job expires")
@@ -100,17 +108,26 @@ def _follow(producer: Producer, job_id: str, after: int | None, as_json: bool,
     return 0 if last is not None and last.type in ("done", "cancelled") else 1
 
 
+def _read_json(name: str | None) -> Any:
+    if not name:
+        return None
+    if name == "-":
+        return json.load(sys.stdin)
+    with open(name, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def _submit(producer: Producer, args: argparse.Namespace) -> int:
-    messages = None
-    if args.messages:
-        if args.messages == "-":
-            messages = json.load(sys.stdin)
-        else:
-            with open(args.messages, encoding="utf-8") as handle:
-                messages = json.load(handle)
-    options = {name: getattr(args, name) for name in (
+    messages = _read_json(args.messages)
+    options: dict[str, Any] = {name: getattr(args, name) for name in (
         "max_new_tokens", "temperature", "do_sample", "seed", "stop", "model", "ttl_s",
         "idempotency_key") if getattr(args, name) is not None}
+    params = {name: getattr(args, name) for name in ("bad_words", "end_tokens", "num_beams")
+              if getattr(args, name) is not None}
+    if params:
+        options["params"] = params
+    if args.parts:
+        options["prompt_parts"] = _read_json(args.parts)
     job_id = producer.submit(messages, prompt=args.prompt,
                              images=args.image or None if args.prompt else None, **options)
     if args.stream:

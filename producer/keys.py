@@ -1,8 +1,9 @@
-"""Every Redis key, pub/sub channel, Celery task and queue name vlmq uses, in one place."""
+"""Every Redis key, pub/sub channel and Celery task name vlmq uses, in one place.
+
+Only the ledger (``producer.jobs``, ``producer.records``, ``producer.scripts``) reads or writes
+the job keys, streams and indexes; queue names per model live in ``producer.broker``."""
 
 from __future__ import annotations
-
-import re
 
 PREFIX = "vlmq"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -20,6 +21,11 @@ def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def attempts_key(job_id: str) -> str:
+    """List of the job's attempt history entries (JSON), one per claim and per retry."""
+    return f"{PREFIX}:job:{job_id}:attempts"
+
+
 def stream_key(job_id: str) -> str:
     """Redis Stream of the job's StreamEvents; replayable; expires with the record."""
     return f"{PREFIX}:stream:{job_id}"
@@ -28,6 +34,12 @@ def stream_key(job_id: str) -> str:
 def token_channel(job_id: str) -> str:
     """Pub/sub channel carrying the same StreamEvent JSON as the stream, live only."""
     return f"{PREFIX}:tokens:{job_id}"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """The KEYS of every job script (``producer.scripts``), in this order."""
+    return [job_key(job_id), stream_key(job_id), token_channel(job_id), attempts_key(job_id),
+            QUEUED_INDEX, RUNNING_INDEX, TERMINAL_INDEX]
 
 
 def idempotency_key(key: str) -> str:
@@ -40,17 +52,3 @@ def worker_key(worker_id: str) -> str:
 
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
-
-
-def is_queue_list(name: str) -> bool:
-    """Whether a broker key is a vlmq queue list: ``vlmq`` or ``vlmq.<model>`` (kombu keeps
-    messages of priority > 0 in a sibling list: the queue name, its separator, the priority)."""
-    base = name.split("\x06\x16", 1)[0]
-    return base == DEFAULT_QUEUE or (base.startswith(f"{DEFAULT_QUEUE}.") and ":" not in base)
-
-
-def queue_for_model(model: str | None) -> str:
-    """The Celery queue serving ``model``; ``vlmq`` when no model is named."""
-    if not model:
-        return DEFAULT_QUEUE
-    return f"{DEFAULT_QUEUE}.{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}"

@@ -1,53 +1,78 @@
-"""Lua scripts for the ledger's atomic state transitions (run with EVALSHA by ``jobs.Ledger``).
+"""Lua scripts for the ledger's atomic state transitions (run by ``producer.records``' steps).
 
 The job record is a Redis hash (fields listed in docs/PROTOCOL.md). Every transition that ends a
 job also appends the terminal StreamEvent and publishes it, in the same atomic step, so the
-stream's last event and the record's status can never disagree.
+stream's last event and the record's status can never disagree. Key names come only as KEYS
+(``keys.job_keys``: job, stream, channel, attempts, queued, running and done indexes); event
+bodies come built by ``producer.events`` and are only stamped here (seq, tokens, ts).
 """
 
-# Shared helpers, prepended to each script. KEYS[1] job hash, KEYS[2] stream, KEYS[3] channel.
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    lua: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.lua.encode()).hexdigest())
+
+
+# Shared helpers, prepended to each job script. KEYS: see keys.job_keys.
 _COMMON = r"""
-local function next_seq(skey)
-  local last = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', 1)
+local JOB, STREAM, CHANNEL, ATTEMPTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local QUEUED, RUNNING, DONE = KEYS[5], KEYS[6], KEYS[7]
+
+-- the one count of a stream's positions: one past the last entry's seq
+local function next_seq()
+  local last = redis.call('XREVRANGE', STREAM, '+', '-', 'COUNT', 1)
   if #last == 0 then return 0 end
   local fields = last[1][2]
   for i = 1, #fields, 2 do
-    if fields[i] == 'seq' then return tonumber(fields[i + 1]) + 1 end
+    if fields[i] == 'seq' then return (tonumber(fields[i + 1]) or -1) + 1 end
   end
   return 0
 end
 
-local function emit(skey, channel, job_id, etype, now, extra, maxlen)
-  local seq = next_seq(skey)
-  local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0') or 0
-  local ev = {schema_version = 1, job_id = job_id, seq = seq, type = etype, delta = '',
-              tokens = tokens, ts = tonumber(now)}
-  for k, v in pairs(extra) do ev[k] = v end
-  local data = cjson.encode(ev)
-  redis.call('XADD', skey, 'MAXLEN', '~', maxlen, '*', 'seq', seq, 'data', data)
-  redis.call('PUBLISH', channel, data)
+-- stamp an event body (producer.events.event_body) as events.stamp does; append and publish
+local function emit(body, now, maxlen)
+  local seq = next_seq()
+  local tokens = tonumber(redis.call('HGET', JOB, 'tokens') or '0') or 0
+  local data = body .. ', "seq": ' .. seq .. ', "tokens": ' .. tokens .. ', "ts": ' .. now .. '}'
+  redis.call('XADD', STREAM, 'MAXLEN', '~', maxlen, '*', 'seq', seq, 'data', data)
+  redis.call('PUBLISH', CHANNEL, data)
 end
 
-local function finish(status, now, retention)
-  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', now)
-  redis.call('HDEL', KEYS[1], 'lease_until')
-  redis.call('ZREM', 'vlmq:index:queued', redis.call('HGET', KEYS[1], 'id'))
-  redis.call('ZREM', 'vlmq:index:running', redis.call('HGET', KEYS[1], 'id'))
-  redis.call('ZADD', 'vlmq:index:done', now, redis.call('HGET', KEYS[1], 'id'))
+local function finish(job_id, status, now, retention)
+  redis.call('HSET', JOB, 'status', status, 'finished_at', now)
+  redis.call('HDEL', JOB, 'lease_until')
+  redis.call('ZREM', QUEUED, job_id)
+  redis.call('ZREM', RUNNING, job_id)
+  redis.call('ZADD', DONE, now, job_id)
   -- entries older than the retention name records that have expired: trim them here
-  redis.call('ZREMRANGEBYSCORE', 'vlmq:index:done', '-inf', tonumber(now) - tonumber(retention))
-  redis.call('EXPIRE', KEYS[1], retention)
-  redis.call('EXPIRE', KEYS[2], retention)
-  redis.call('EXPIRE', KEYS[1] .. ':attempts', retention)
+  redis.call('ZREMRANGEBYSCORE', DONE, '-inf', tonumber(now) - tonumber(retention))
+  redis.call('EXPIRE', JOB, retention)
+  redis.call('EXPIRE', STREAM, retention)
+  redis.call('EXPIRE', ATTEMPTS, retention)
 end
 
 local function terminal(status)
   return status ~= 'QUEUED' and status ~= 'RUNNING'
 end
+
+local function counter_ok(name)
+  local value = redis.call('HGET', JOB, name)
+  return not value or string.match(value, '^%d+$') ~= nil
+end
 """
 
-# KEYS: job, idem ('' for none). ARGV: id, created_at, idem_ttl, then field/value pairs.
-CREATE = r"""
+# KEYS: job, idem ('' for none), queued index. ARGV: id, created_at, idem_ttl, field/value pairs.
+CREATE = Script("create", r"""
 if KEYS[2] ~= '' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {0, existing} end
@@ -56,159 +81,179 @@ end
 local fields = {}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('ZADD', 'vlmq:index:queued', ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return {1, ARGV[1]}
-"""
+""")
 
-# KEYS: job, stream, channel. ARGV: now, lease_s, worker, max_attempts, retention, maxlen.
-# Returns {outcome, fence}: claimed, missing, terminal, busy, cancelled, expired, exhausted.
-CLAIM = (
-    _COMMON
-    + r"""
-local now = tonumber(ARGV[1])
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', 0} end
-if terminal(status) then return {'terminal', 0} end
-local job_id = redis.call('HGET', KEYS[1], 'id')
+# ARGV: id, now, retention, maxlen, lease_s, worker, max_attempts, then the terminal event
+# bodies and error JSON it may need: cancelled, expired, exhausted body, exhausted error,
+# invalid body, invalid error.
+# Returns {outcome}: missing, terminal, busy, cancelled, expired, invalid, exhausted; or
+# {'claimed', fence, attempt, next seq, text already streamed, record field/value pairs...}.
+CLAIM = Script("claim", _COMMON + r"""
+local job_id, now, retention, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local status = redis.call('HGET', JOB, 'status')
+if not status then return {'missing'} end
+if terminal(status) then return {'terminal'} end
 if status == 'RUNNING' then
-  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-  if lease > now then return {'busy', 0} end
+  local lease = tonumber(redis.call('HGET', JOB, 'lease_until') or '0') or 0
+  if lease > tonumber(now) then return {'busy'} end
 end
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then
-  redis.call('HSET', KEYS[1], 'finish_reason', 'cancelled')
-  finish('CANCELLED', now, ARGV[5])
-  emit(KEYS[2], KEYS[3], job_id, 'cancelled', now, {finish_reason = 'cancelled'}, ARGV[6])
-  return {'cancelled', 0}
+if redis.call('HGET', JOB, 'cancel') == '1' then
+  redis.call('HSET', JOB, 'finish_reason', 'cancelled')
+  finish(job_id, 'CANCELLED', now, retention)
+  emit(ARGV[8], now, maxlen)
+  return {'cancelled'}
 end
-local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_at') or '')
-if deadline and now >= deadline then
-  redis.call('HSET', KEYS[1], 'finish_reason', 'deadline')
-  finish('EXPIRED', now, ARGV[5])
-  emit(KEYS[2], KEYS[3], job_id, 'cancelled', now, {finish_reason = 'deadline'}, ARGV[6])
-  return {'expired', 0}
+local deadline = tonumber(redis.call('HGET', JOB, 'deadline_at') or '')
+if deadline and tonumber(now) >= deadline then
+  redis.call('HSET', JOB, 'finish_reason', 'deadline')
+  finish(job_id, 'EXPIRED', now, retention)
+  emit(ARGV[9], now, maxlen)
+  return {'expired'}
 end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-if attempts >= tonumber(ARGV[4]) then
-  local err = {code = 'WORKER_LOST', retryable = false,
-    message = 'the job was started ' .. attempts .. ' times and its worker was lost each time'}
-  redis.call('HSET', KEYS[1], 'error', cjson.encode(err))
-  finish('FAILED', now, ARGV[5])
-  emit(KEYS[2], KEYS[3], job_id, 'error', now, {error = err}, ARGV[6])
-  return {'exhausted', 0}
+-- counters written around the producer: reset so the record stays usable, fail the job
+if not (counter_ok('attempts') and counter_ok('fence')) then
+  for _, name in ipairs({'attempts', 'fence'}) do
+    if not counter_ok(name) then redis.call('HSET', JOB, name, 0) end
+  end
+  redis.call('HSET', JOB, 'error', ARGV[13])
+  finish(job_id, 'FAILED', now, retention)
+  emit(ARGV[12], now, maxlen)
+  return {'invalid'}
 end
-local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'attempts', attempts + 1, 'worker', ARGV[3],
-  'started_at', now, 'lease_until', now + tonumber(ARGV[2]))
-redis.call('RPUSH', KEYS[1] .. ':attempts', cjson.encode({attempt = attempts + 1,
-  worker = ARGV[3], started_at = now}))
-redis.call('ZREM', 'vlmq:index:queued', job_id)
-redis.call('ZADD', 'vlmq:index:running', now + tonumber(ARGV[2]), job_id)
-return {'claimed', fence}
-"""
-)
+local attempts = tonumber(redis.call('HGET', JOB, 'attempts') or '0')
+if attempts >= tonumber(ARGV[7]) then
+  redis.call('HSET', JOB, 'error', ARGV[11])
+  finish(job_id, 'FAILED', now, retention)
+  emit(ARGV[10], now, maxlen)
+  return {'exhausted'}
+end
+local fence = redis.call('HINCRBY', JOB, 'fence', 1)
+local lease = tonumber(now) + tonumber(ARGV[5])
+redis.call('HSET', JOB, 'status', 'RUNNING', 'attempts', attempts + 1, 'worker', ARGV[6],
+  'started_at', now, 'lease_until', lease)
+redis.call('RPUSH', ATTEMPTS, cjson.encode({attempt = attempts + 1, worker = ARGV[6],
+  started_at = tonumber(now)}))
+redis.call('ZREM', QUEUED, job_id)
+redis.call('ZADD', RUNNING, lease, job_id)
+-- the stream so far (a later attempt goes on from there): next seq and the text already sent
+local seq, sent = 0, {}
+for _, entry in ipairs(redis.call('XRANGE', STREAM, '-', '+')) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'seq' then
+      seq = (tonumber(fields[i + 1]) or -1) + 1
+    elseif fields[i] == 'data' then
+      local ok, event = pcall(cjson.decode, fields[i + 1])
+      if ok and type(event) == 'table' and type(event.delta) == 'string' then
+        sent[#sent + 1] = event.delta
+      end
+    end
+  end
+end
+local reply = {'claimed', fence, attempts + 1, seq, table.concat(sent)}
+for _, item in ipairs(redis.call('HGETALL', JOB)) do reply[#reply + 1] = item end
+return reply
+""")
 
-# KEYS: job. ARGV: fence, now, lease_s. Returns -1 if the fence is stale, else the cancel flag.
-HEARTBEAT = r"""
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'RUNNING' or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return -1 end
-local lease = tonumber(ARGV[2]) + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'lease_until', lease)
-redis.call('ZADD', 'vlmq:index:running', lease, redis.call('HGET', KEYS[1], 'id'))
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 1 end
+# ARGV: id, fence, now, lease_s. Returns -1 if the fence is stale, else the cancel flag.
+HEARTBEAT = Script("heartbeat", _COMMON + r"""
+local status = redis.call('HGET', JOB, 'status')
+if status ~= 'RUNNING' or redis.call('HGET', JOB, 'fence') ~= ARGV[2] then return -1 end
+local lease = tonumber(ARGV[3]) + tonumber(ARGV[4])
+redis.call('HSET', JOB, 'lease_until', lease)
+redis.call('ZADD', RUNNING, lease, ARGV[1])
+if redis.call('HGET', JOB, 'cancel') == '1' then return 1 end
 return 0
-"""
+""")
 
-# KEYS: job, stream, channel. ARGV: fence, seq, data ('' = none), maxlen, tokens.
+# ARGV: fence, seq, event JSON ('' = none), maxlen, tokens.
 # Returns 0 if the fence is stale (the job is no longer ours), 2 if cancel was asked, else 1.
 # Safe to send again after a lost connection: an event whose seq is already there is skipped.
-APPEND = _COMMON + r"""
-if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
--- idempotent: a retried append whose event is already in the stream adds nothing
-if ARGV[3] ~= '' and next_seq(KEYS[2]) == tonumber(ARGV[2]) then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'seq', ARGV[2], 'data', ARGV[3])
-  redis.call('PUBLISH', KEYS[3], ARGV[3])
+APPEND = Script("append", _COMMON + r"""
+if redis.call('HGET', JOB, 'fence') ~= ARGV[1] then return 0 end
+if ARGV[3] ~= '' and next_seq() == tonumber(ARGV[2]) then
+  redis.call('XADD', STREAM, 'MAXLEN', '~', ARGV[4], '*', 'seq', ARGV[2], 'data', ARGV[3])
+  redis.call('PUBLISH', CHANNEL, ARGV[3])
 end
-redis.call('HSET', KEYS[1], 'tokens', ARGV[5])
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
+redis.call('HSET', JOB, 'tokens', ARGV[5])
+if redis.call('HGET', JOB, 'cancel') == '1' then return 2 end
 return 1
-"""
+""")
 
-# KEYS: job, stream, channel. ARGV: fence, status, now, retention, maxlen, event-extra JSON,
-# event type, then field/value pairs to set. Returns 1 if committed, 0 if refused.
-FINISH = (
-    _COMMON
-    + r"""
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'RUNNING' or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
+# ARGV: id, now, retention, maxlen, fence, status, terminal event body, field/value pairs.
+# Returns 1 if committed, 0 if refused (not RUNNING, or not our fence).
+FINISH = Script("finish", _COMMON + r"""
+local status = redis.call('HGET', JOB, 'status')
+if status ~= 'RUNNING' or redis.call('HGET', JOB, 'fence') ~= ARGV[5] then return 0 end
 local fields = {}
 for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
-if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
-finish(ARGV[2], tonumber(ARGV[3]), ARGV[4])
-local job_id = redis.call('HGET', KEYS[1], 'id')
-emit(KEYS[2], KEYS[3], job_id, ARGV[7], ARGV[3], cjson.decode(ARGV[6]), ARGV[5])
+if #fields > 0 then redis.call('HSET', JOB, unpack(fields)) end
+finish(ARGV[1], ARGV[6], ARGV[2], ARGV[3])
+emit(ARGV[7], ARGV[2], ARGV[4])
 return 1
-"""
-)
+""")
 
-# KEYS: job. ARGV: fence, now. RUNNING -> QUEUED (hand the job back), if the fence holds.
-RELEASE = r"""
-if redis.call('HGET', KEYS[1], 'status') ~= 'RUNNING' then return 0 end
-if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
-local job_id = redis.call('HGET', KEYS[1], 'id')
-redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'sent_at', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'attempts', -1)  -- handed back: not a failed attempt
-redis.call('HDEL', KEYS[1], 'lease_until')
-redis.call('ZREM', 'vlmq:index:running', job_id)
-redis.call('ZADD', 'vlmq:index:queued', ARGV[2], job_id)
+# ARGV: id, now, fence. RUNNING -> QUEUED (hand the job back), if the fence holds.
+RELEASE = Script("release", _COMMON + r"""
+if redis.call('HGET', JOB, 'status') ~= 'RUNNING' then return 0 end
+if redis.call('HGET', JOB, 'fence') ~= ARGV[3] then return 0 end
+redis.call('HSET', JOB, 'status', 'QUEUED', 'sent_at', ARGV[2])
+redis.call('HINCRBY', JOB, 'attempts', -1)  -- handed back: not a failed attempt
+redis.call('HDEL', JOB, 'lease_until')
+redis.call('ZREM', RUNNING, ARGV[1])
+redis.call('ZADD', QUEUED, ARGV[2], ARGV[1])
 return 1
-"""
+""")
 
-# KEYS: job, stream, channel. ARGV: now, retention, maxlen, [queued_only: '1' leaves a RUNNING
-# job alone and answers 'RUNNING']. Returns 'cancelled' (was queued), 'requested' (running),
-# the terminal status, or 'missing'.
-CANCEL = (
-    _COMMON
-    + r"""
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if terminal(status) then return status end
-if ARGV[4] == '1' and status == 'RUNNING' then return status end
-redis.call('HSET', KEYS[1], 'cancel', '1')
-if status == 'RUNNING' then return 'requested' end
-local job_id = redis.call('HGET', KEYS[1], 'id')
-redis.call('HSET', KEYS[1], 'finish_reason', 'cancelled')
-finish('CANCELLED', tonumber(ARGV[1]), ARGV[2])
-emit(KEYS[2], KEYS[3], job_id, 'cancelled', ARGV[1], {finish_reason = 'cancelled'}, ARGV[3])
-return 'cancelled'
-"""
-)
+# ARGV: id, now, retention, maxlen, queued_only ('1' leaves a RUNNING job alone), cancelled
+# event body. Returns {'cancelled'} (was queued), {'requested'} (running), {'running'} (left
+# alone), {'ended', status} or {'missing'}.
+CANCEL = Script("cancel", _COMMON + r"""
+local status = redis.call('HGET', JOB, 'status')
+if not status then return {'missing'} end
+if terminal(status) then return {'ended', status} end
+if ARGV[5] == '1' and status == 'RUNNING' then return {'running'} end
+redis.call('HSET', JOB, 'cancel', '1')
+if status == 'RUNNING' then return {'requested'} end
+redis.call('HSET', JOB, 'finish_reason', 'cancelled')
+finish(ARGV[1], 'CANCELLED', ARGV[2], ARGV[3])
+emit(ARGV[6], ARGV[2], ARGV[4])
+return {'cancelled'}
+""")
 
-# KEYS: job, stream. ARGV: now, new deadline_at ('' = none).
-# A FAILED or EXPIRED job goes back to QUEUED with the same id: attempts start again from 0, the
-# attempt history (``:attempts``) is kept and gets a retry entry, the old stream is dropped (the
-# new attempt streams from seq 0), error/result/finish fields are cleared, expiry is removed.
-# Returns 'queued', the status of a job that cannot be retried, or 'missing'.
-RETRY = r"""
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status ~= 'FAILED' and status ~= 'EXPIRED' then return status end
-local now = tonumber(ARGV[1])
-local job_id = redis.call('HGET', KEYS[1], 'id')
-local retries = redis.call('HINCRBY', KEYS[1], 'retries', 1)
-local entry = {retry = retries, at = now, previous_status = status,
-  previous_attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
-local err = redis.call('HGET', KEYS[1], 'error')
-if err then entry['error'] = cjson.decode(err) end
-redis.call('RPUSH', KEYS[1] .. ':attempts', cjson.encode(entry))
-redis.call('PERSIST', KEYS[1] .. ':attempts')
-redis.call('HDEL', KEYS[1], 'error', 'result', 'result_uri', 'finish_reason', 'finished_at',
+# ARGV: id, now. A FAILED or EXPIRED job goes back to QUEUED with the same id: attempts start
+# again from 0, the attempt history is kept and gets a retry entry, the old stream is dropped
+# (the new attempt streams from seq 0), error/result/finish fields are cleared, expiry removed,
+# and a request with ``ttl_s`` gets a new deadline. Returns {'queued'}, {'refused', status} or
+# {'missing'}.
+RETRY = Script("retry", _COMMON + r"""
+local status = redis.call('HGET', JOB, 'status')
+if not status then return {'missing'} end
+if status ~= 'FAILED' and status ~= 'EXPIRED' then return {'refused', status} end
+local now = ARGV[2]
+local retries = redis.call('HINCRBY', JOB, 'retries', 1)
+local entry = {retry = retries, at = tonumber(now), previous_status = status,
+  previous_attempts = tonumber(redis.call('HGET', JOB, 'attempts') or '0')}
+local err = redis.call('HGET', JOB, 'error')
+if err then
+  local ok, decoded = pcall(cjson.decode, err)
+  if ok then entry['error'] = decoded end
+end
+redis.call('RPUSH', ATTEMPTS, cjson.encode(entry))
+redis.call('PERSIST', ATTEMPTS)
+redis.call('HDEL', JOB, 'error', 'result', 'result_uri', 'finish_reason', 'finished_at',
   'started_at', 'worker', 'lease_until', 'cancel', 'deadline_at')
-redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'attempts', 0, 'tokens', 0, 'sent_at', ARGV[1],
-  'retried_at', ARGV[1])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'deadline_at', ARGV[2]) end
-redis.call('PERSIST', KEYS[1])
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', 'vlmq:index:done', job_id)
-redis.call('ZADD', 'vlmq:index:queued', now, job_id)
-return 'queued'
-"""
+redis.call('HSET', JOB, 'status', 'QUEUED', 'attempts', 0, 'tokens', 0, 'sent_at', now,
+  'retried_at', now)
+local ok, request = pcall(cjson.decode, redis.call('HGET', JOB, 'request') or '')
+if ok and type(request) == 'table' and type(request.ttl_s) == 'number' then
+  redis.call('HSET', JOB, 'deadline_at', string.format('%.6f', tonumber(now) + request.ttl_s))
+end
+redis.call('PERSIST', JOB)
+redis.call('DEL', STREAM)
+redis.call('ZREM', DONE, ARGV[1])
+redis.call('ZADD', QUEUED, now, ARGV[1])
+return {'queued'}
+""")

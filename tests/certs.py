@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from demo.servers import RedisTls
+from tests.servers import RedisTls
 
 
 def _key() -> rsa.RSAPrivateKey:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from demo.servers import ImageServer, RedisServer, WorkerProcess
+from tests.servers import ImageServer, RedisServer, WorkerProcess
 
 pytest.register_assert_rewrite("tests.integration.cluster", "tests.integration.soak")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,8 +75,7 @@ def workers(redis_server: RedisServer, image_server: ImageServer, tiny_paths: di
             proc.wait_ready()
         yield procs
     finally:
-        for proc in procs.values():
-            proc.stop()
+        WorkerProcess.stop_all(procs.values())
 
 
 @pytest.fixture()
@@ -83,4 +83,17 @@ def producer(redis_server: RedisServer) -> Iterator[object]:
     from producer import Producer
 
     with Producer(redis_server.url) as client:
+        yield client
+
+
+@pytest.fixture(params=["sync", "async"])
+def any_producer(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[object]:
+    """``Producer``, then ``AsyncProducer`` (driven from blocking code): the tests that take it
+    check that both behave the same."""
+    from producer import Producer
+    from tests.integration.blocking_async import BlockingAsyncProducer
+
+    client: Any = (Producer if request.param == "sync" else BlockingAsyncProducer)(
+        redis_server.url)
+    with client:
         yield client

@@ -13,7 +13,7 @@ from __future__ import annotations
 from celery import Celery
 
 from producer import keys
-from producer.client import broker_queue
+from producer.broker import broker_queue, queue_for_model
 from worker.security import configure, signing_problems
 from worker.settings import WorkerSettings
 
@@ -56,7 +56,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # RabbitMQ: quorum queues (producer.client.broker_queue) refuse global QoS; with this
+        # RabbitMQ: quorum queues (producer.broker.broker_queue) refuse global QoS; with this
         # Celery applies the prefetch per consumer (the 5.5+ default, stated to keep it so)
         worker_detect_quorum_queues=True,
         task_default_queue=keys.DEFAULT_QUEUE,
@@ -79,5 +79,5 @@ def create_app(settings: WorkerSettings) -> Celery:
 
 def queues_for(settings: WorkerSettings) -> list[str]:
     """The worker consumes its --queue and the queue named after the model it serves."""
-    names = [settings.queue, keys.queue_for_model(settings.served_model())]
+    names = [settings.queue, queue_for_model(settings.served_model())]
     return list(dict.fromkeys(names))

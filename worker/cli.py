@@ -10,7 +10,9 @@ import json
 import sys
 from typing import Any
 
-from worker.settings import DEFAULT_MODEL, WorkerSettings
+from pydantic import ValidationError
+
+from worker.settings import DEFAULT_MODEL, WorkerSettings, problems
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,11 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> WorkerSettings:
+def _settings(args: argparse.Namespace) -> WorkerSettings | None:
+    """The settings from the environment and the options; None after printing one line per
+    bad value."""
     names = ("model", "device", "dtype", "queue", "redis_url", "broker_url", "max_batch_size",
              "hostname", "log_level", "quantize", "attn", "gpus")
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    return WorkerSettings(**overrides)
+    try:
+        return WorkerSettings(**overrides)
+    except ValidationError as error:
+        for line in problems(error, names):
+            print(f"vlmq-worker: cannot start: {line}", file=sys.stderr)
+        return None
 
 
 def _health(settings: WorkerSettings, max_age: float | None) -> int:
@@ -96,6 +105,8 @@ def _check(settings: WorkerSettings, loaded: Any) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _settings(args)
+    if settings is None:
+        return 2
     if args.command == "health":
         return _health(settings, args.max_age)
     from worker.ops.logs import setup

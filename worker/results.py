@@ -1,4 +1,5 @@
 """Where results go: into the job record in Redis, or to an S3 object the record points at.
+``place`` alone decides, and answers the record fields that say where the result is.
 
 A result goes to S3 when the request asks for it (``result_store="s3"``), when the worker's
 default says so (``VLMQ_RESULT_STORE=s3``), or when its JSON is larger than
@@ -122,6 +123,20 @@ class ResultStore:
             return f"access to {self.uri(job_id)} denied ({code})"
         message = error.response.get("Error", {}).get("Message", "")
         return f"{code}: {message}".rstrip(": ")
+
+
+def place(store: ResultStore | None, job_id: str, body: str, requested: str) -> dict[str, str]:
+    """Put a JobResult JSON where it belongs and return the record fields that say where:
+    ``result_uri`` (an S3 object, written first) or ``result`` (the JSON itself). ``store`` is
+    None on a worker without a result store; ``requested`` is the request's result_store.
+    Raises ResultStoreFailed when the result must go to S3 and cannot."""
+    data = body.encode()
+    if store is not None and store.where(requested, len(data)) == "s3":
+        return {"result_uri": store.put(job_id, data)}
+    if requested == "s3":
+        raise ResultStoreFailed("the request asked for an S3 result; this worker has no result "
+                                "store", retryable=False)
+    return {"result": body}
 
 
 def _code(error: ClientError) -> str:

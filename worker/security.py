@@ -1,7 +1,7 @@
 """The wire a worker accepts and the Redis it logs in to: signing, TLS, start-up checks.
 
 - ``configure(app, settings)``: TLS for a ``rediss://`` broker (the certificate is checked, as
-  redis-py does for the ledger; ``producer.client.broker_ssl``), and, with signing configured
+  redis-py does for the ledger; ``producer.broker.broker_ssl``), and, with signing configured
   (``VLMQ_SECURITY_KEY``, ``VLMQ_SECURITY_CERTIFICATE``, ``VLMQ_SECURITY_CERT_STORE``),
   Celery's ``auth`` serializer: ``task_serializer="auth"``, ``accept_content=["auth"]`` and
   ``app.setup_security()``, which also turns every other decoder off in this process. Without
@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from producer.client import broker_ssl
+from producer.broker import broker_ssl
 from producer.signing import Signer, SigningError, Verifier
 from worker.errors import InvalidRequest
 from worker.ops.logs import redact
@@ -88,7 +88,7 @@ def record_check(settings: WorkerSettings) -> Callable[[dict[str, str]], None] |
 def _refusal(error: redis.RedisError) -> str | None:
     """Why Redis will never accept this client as configured, or None for a transient error.
 
-    Broader than ``producer.jobs.refused`` (which decides whether to retry a live connection):
+    Broader than ``producer.transport.refused`` (which decides whether to retry a live connection):
     at start, any TLS failure is a configuration to fix, but mid-run an ``SSLEOFError`` from a
     restarting server is transient and must be retried."""
     if isinstance(error, redis.AuthenticationError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
-from producer.client import broker_queue
+from producer.broker import broker_queue
 from producer.jobs import Ledger, connect
 from producer.keys import TASK_GENERATE
 from worker.app import create_app, queues_for
@@ -27,7 +27,9 @@ from worker.model.load import LoadedModel
 from worker.model.memory import RECYCLE_EXIT
 from worker.ops.health import HealthReporter
 from worker.ops.heartbeat import Heartbeat
+from worker.ops.logs import ANNOUNCE
 from worker.ops.metrics import Metrics
+from worker.ops.probes import Probes
 from worker.ops.reconciler import Reconciler, amqp_depth
 from worker.results import ResultStore
 from worker.security import record_check
@@ -35,6 +37,13 @@ from worker.settings import WorkerSettings
 from worker.tasks import Runtime, register
 
 log = logging.getLogger("vlmq.worker")
+# the threads that serving needs (engine loop, publisher, heartbeat): /livez fails without one
+SERVING_THREADS = ("vlmq-generate", "vlmq-publish", "vlmq-heartbeat")
+
+
+def _threads_alive() -> dict[str, bool]:
+    running = {thread.name for thread in threading.enumerate() if thread.is_alive()}
+    return {name: name in running for name in SERVING_THREADS}
 
 
 @dataclass
@@ -60,7 +69,6 @@ class Service:
                           results=ResultStore(settings), metrics=metrics,
                           check_record=record_check(settings))
         metrics.bind(loaded, media, lambda: len(runtime.active))
-        metrics.serve(settings.metrics_port, settings.metrics_addr)
         log.info("worker %s: ledger %s, broker %s", worker_id, settings.redis_url,
                  settings.broker())
         app = create_app(settings)
@@ -84,6 +92,8 @@ class Service:
             consumer=lambda: getattr(celery_worker.get("worker"), "consumer", None))
         heartbeat = Heartbeat(settings, interval, health,
                               [runtime.heartbeat_once, reconciler.maybe_sweep])
+        Probes(metrics.registry, health, _threads_alive).serve(settings.metrics_port,
+                                                               settings.metrics_addr)
         return cls(settings, runtime, app, queues, health, heartbeat, celery_worker)
 
     def run(self) -> int:
@@ -110,8 +120,9 @@ class Service:
         self.health.stopping = True
         self.runtime.drain()  # SIGTERM: hand the jobs in hand back at their next step
 
-    def _ready(self, **_kwargs: Any) -> None:  # printed whatever the log level: scripts wait
-        print(f"vlmq-worker: ready: {self.runtime.worker_id} consuming {','.join(self.queues)}",
-              file=sys.stderr, flush=True)
+    def _ready(self, **_kwargs: Any) -> None:  # logged whatever the log level: scripts wait
+        logging.getLogger(ANNOUNCE).info(
+            "vlmq-worker: ready: %s consuming %s", self.runtime.worker_id, ",".join(self.queues),
+            extra={"worker": self.runtime.worker_id})
         self.health.ready = True
         self.health.report()

@@ -8,9 +8,10 @@ builder (``worker/tiny.py``, a development tool).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from producer.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
@@ -139,3 +140,24 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split(value)
+
+    @field_validator("device", "supervisor_child_device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
+
+
+def problems(error: ValidationError, options: tuple[str, ...] = ()) -> list[str]:
+    """One line per bad setting: the variable (and its option, when among ``options``), the
+    value given, what is allowed."""
+    lines = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        given = item.get("input")
+        shown = f"={given!r}" if isinstance(given, str | int | float) else ""
+        option = f" (--{name.replace('_', '-')})" if name in options else ""
+        lines.append(f"VLMQ_{name.upper()}{shown}{option}: "
+                     f"{item['msg'].removeprefix('Value error, ')}")
+    return lines

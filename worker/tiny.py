@@ -29,7 +29,8 @@ _MODEL_SOURCES = (Path(__file__), Path(tiny_archs.__file__))  # every module def
 def _init_weights(model: Any, salt: str, silent: list[int], rare: list[int]) -> None:
     """Seed each parameter from ``salt`` and its name, independent of library init order.
 
-    Norms start at 1, biases at 0, matrices at N(0, std) scaled down for fan-in above 64.
+    Norms start at 1, biases at 0, matrices at N(0, std) scaled down for fan-in above 64;
+    IDEFICS' cross-attention gates (``alpha_*``) at 1 when its config says ``"ones"``.
     Output rows of ``silent`` ids (markers, embedding padding) are zeroed so greedy decoding
     never emits them; rows of ``rare`` ids (EOS, lone UTF-8 bytes, control characters) are
     shrunk, so a 20-token answer is seldom empty yet sometimes holds a split character.
@@ -42,12 +43,15 @@ def _init_weights(model: Any, salt: str, silent: list[int], rare: list[int]) -> 
         if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
         for p in m.parameters(recurse=False)
     }
+    open_gates = getattr(model.config, "alpha_initializer", None) == "ones"
     with torch.no_grad():
         for name, param in model.named_parameters():
             digest = hashlib.sha256(f"{salt}/{name}".encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
             if id(param) in norms:
                 param.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif open_gates and name.rsplit(".", 1)[-1].startswith("alpha_"):
+                param.fill_(1.0)
             elif param.ndim < 2:
                 param.zero_()
             else:
@@ -72,13 +76,15 @@ def _model_and_processor(arch: str, size: str) -> tuple[Any, Any]:
     model = tf.AutoModelForImageTextToText.from_config(config, dtype=dtype)
     eos = tok.convert_tokens_to_ids(tok.eos_token)
     silent = [i for i in tok.added_tokens_decoder if i != eos]
-    silent += range(len(tok), config.text_config.vocab_size)
+    text_config = config.get_text_config()
+    silent += range(len(tok), text_config.vocab_size)
     pieces = [tok.decode([i]) for i in range(len(tok))]
     rare = [i for i, s in enumerate(pieces) if "\ufffd" in s or not s.strip("\n").isprintable()]
     _init_weights(model, arch, silent, [*rare, eos])
-    stops = [eos, tok.convert_tokens_to_ids("<|endoftext|>")] if arch != "idefics3" else eos
+    chatml = arch not in ("idefics3", "idefics")
+    stops = [eos, tok.convert_tokens_to_ids("<|endoftext|>")] if chatml else eos
     model.generation_config = tf.GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
+        bos_token_id=text_config.bos_token_id,
         eos_token_id=stops,
         pad_token_id=tok.convert_tokens_to_ids(tok.pad_token),
     )

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+CHAT_ARCHS = ("idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # with a chat template
+ARCHS = (*CHAT_ARCHS, "idefics")  # idefics: IDEFICS (v1), interleaved prompts, no chat template
 DATA = Path(__file__).with_name("data")
 TEMPLATES = {  # real chat templates: SmolVLM, llava-interleave-qwen, Qwen2/2.5-VL, Qwen3-VL
     "idefics3": "smolvlm.jinja",
@@ -38,6 +39,8 @@ TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
 SMOLVLM_VIT = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
 )
+IDEFICS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]  # idefics-9b(-instruct)
+LLAMA_BYTES = [f"<0x{b:02X}>" for b in range(256)]  # SentencePiece byte fallback pieces
 PLAIN = {  # added, non-special tokens
     "qwen2_5_vl": ["<tool_call>", "</tool_call>"],
     "qwen3_vl": ["<tool_call>", "</tool_call>", "<think>", "</think>"],
@@ -47,8 +50,10 @@ PLAIN = {  # added, non-special tokens
 def train_tokenizer(arch: str) -> Any:
     """Train a byte-level BPE on the corpus and wrap it in the architecture's tokenizer class."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import GPT2Tokenizer, Qwen2Tokenizer
+    from transformers import GPT2Tokenizer, LlamaTokenizer, Qwen2Tokenizer
 
+    if arch == "idefics":
+        return _llama_tokenizer(LlamaTokenizer, Tokenizer, models, pre_tokenizers, trainers)
     cls: Any
     if arch == "idefics3":  # SmolVLM (SmolLM2): ChatML tokens first, image tokens last
         cls, first, special = GPT2Tokenizer, CHATML, SMOLVLM
@@ -86,6 +91,26 @@ def train_tokenizer(arch: str) -> Any:
     )
     tok.add_tokens(plain)
     return tok
+
+
+def _llama_tokenizer(cls: Any, tokenizer: Any, models: Any, pre_tokenizers: Any,
+                     trainers: Any) -> Any:
+    """IDEFICS (v1): a LLaMA tokenizer (Metaspace BPE with byte fallback), ``<s>``/``</s>``/
+    ``<unk>`` first, then the 256 byte pieces, the trained merges and IDEFICS' image tokens."""
+    first = ["<unk>", "<s>", "</s>"]
+    bpe = tokenizer(models.BPE(byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB + len(first) + len(LLAMA_BYTES),
+                                  special_tokens=first + LLAMA_BYTES, show_progress=False)
+    corpus = (DATA / "corpus.txt").read_text(encoding="utf-8")
+    bpe.train_from_iterator(corpus.splitlines(keepends=True), trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = dict(trained["vocab"])
+    for token in IDEFICS:
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    return cls(vocab=vocab, merges=merges, extra_special_tokens=IDEFICS, padding_side="left",
+               model_max_length=2048, pad_token="<unk>")
 
 
 def _text(tok: Any, big: bool, **extra: Any) -> dict[str, Any]:
@@ -194,9 +219,33 @@ def _qwen(tf: Any, tok: Any, template: str, arch: str) -> tuple[Any, Any]:
     return config, processor
 
 
+def _idefics(tf: Any, tok: Any) -> tuple[Any, Any]:
+    # IDEFICS (v1), idefics-9b's layout: CLIP-like tower, perceiver resampler, a LLaMA with a
+    # gated cross-attention block before every decoder layer. The gates start open ("ones"):
+    # with the checkpoint default ("zeros") the text would never see the images.
+    vision = tf.IdeficsVisionConfig(embed_dim=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, image_size=32, patch_size=8)
+    perceiver = tf.IdeficsPerceiverConfig(use_resampler=True, resampler_n_latents=4,
+                                          resampler_depth=1, resampler_n_heads=2,
+                                          resampler_head_dim=16)
+    text = _text(tok, False)
+    config = tf.IdeficsConfig(
+        **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "vocab_size", "bos_token_id",
+                                "eos_token_id", "pad_token_id", "tie_word_embeddings")},
+        max_position_embeddings=2048, alpha_initializer="ones", alpha_type="float",
+        cross_layer_interval=1, use_resampler=True, vision_config=vision.to_dict(),
+        perceiver_config=perceiver.to_dict())
+    images = tf.IdeficsImageProcessor(image_size=32)
+    return config, tf.IdeficsProcessor(images, tok, image_size=32)
+
+
 def config_and_processor(tf: Any, tok: Any, arch: str, big: bool) -> tuple[Any, Any]:
     """``arch``'s model config and processor (``tf`` is the transformers module), with the
-    architecture's real chat template; ``big``: SmolVLM-256M's dimensions (idefics3 only)."""
+    architecture's real chat template (none for idefics, like the real checkpoints);
+    ``big``: SmolVLM-256M's dimensions (idefics3 only)."""
+    if arch == "idefics":
+        return _idefics(tf, tok)
     template = (DATA / TEMPLATES[arch]).read_text(encoding="utf-8").rstrip("\n")
     if arch == "idefics3":
         return _idefics3(tf, tok, template, big)

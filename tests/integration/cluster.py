@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from demo.servers import RedisServer, WorkerProcess
 from producer import Producer
+from tests.servers import RedisServer, WorkerProcess
 
 FAST = {"VLMQ_LEASE_S": "1.5", "VLMQ_RECONCILE_INTERVAL_S": "0.5", "VLMQ_REQUEUE_GRACE_S": "2",
         "VLMQ_MAX_ATTEMPTS": "3", "VLMQ_SOFT_SHUTDOWN_S": "5"}
@@ -62,8 +62,7 @@ class Cluster:
                 return
 
     def close(self) -> None:
-        for worker in self.workers:
-            worker.stop(signal.SIGKILL)
+        WorkerProcess.stop_all(self.workers, signal.SIGKILL)
         self.producer.close()
         self.redis.stop()
         if self.broker_url:

@@ -14,10 +14,11 @@ import pytest
 import redis
 
 from producer import JobFailed, Producer
+from producer.broker import queue_for_model
 from producer.cli import main as vlmq
 from producer.client import build_request
 from producer.errors import JobNotFound, NotAllowed
-from producer.keys import job_key, queue_for_model
+from producer.keys import job_key
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-qwen2_vl"
@@ -39,14 +40,16 @@ def failed_job(producer: Producer, image_server: Any) -> tuple[str, str]:
     return job_id, path
 
 
-def test_jobs_lists_failed_jobs_newest_first(producer: Producer, workers: Any,
+def test_jobs_lists_failed_jobs_newest_first(any_producer: Any, workers: Any,
                                              image_server: Any, redis_server: Any,
                                              capsys: pytest.CaptureFixture[str]) -> None:
+    producer = any_producer  # Producer, then AsyncProducer
     older, _ = failed_job(producer, image_server)
     newer, _ = failed_job(producer, image_server)
     listed = [s.job_id for s in producer.jobs("FAILED", limit=2)]
     assert listed == [newer, older]
     assert all(s.status == "FAILED" for s in producer.jobs("FAILED", limit=20))
+    assert producer.stats()["jobs"]["FAILED"] >= 2
     code, out = cli(redis_server, capsys, "jobs", "--status", "FAILED", "--limit", "1")
     states = json.loads(out)
     assert code == 0 and [s["job_id"] for s in states] == [newer]
@@ -54,8 +57,9 @@ def test_jobs_lists_failed_jobs_newest_first(producer: Producer, workers: Any,
 
 
 def test_retry_runs_a_failed_job_again_under_the_same_id(
-        producer: Producer, workers: Any, image_server: Any, redis_server: Any,
+        any_producer: Any, workers: Any, image_server: Any, redis_server: Any,
         capsys: pytest.CaptureFixture[str]) -> None:
+    producer = any_producer  # Producer, then AsyncProducer
     job_id, path = failed_job(producer, image_server)
     image_server.put(path, image_server.files["/cats.png"][1])  # the image exists now
     code, out = cli(redis_server, capsys, "retry", job_id)

@@ -73,8 +73,9 @@ def test_bad_requests_are_rejected_at_submit_with_field_paths(producer: Any) -> 
     assert "params.max_new_tokens" in paths
 
 
-def test_idempotency_key_gives_one_job(producer: Any, workers: Any, image_server: Any,
+def test_idempotency_key_gives_one_job(any_producer: Any, workers: Any, image_server: Any,
                                        redis_server: Any) -> None:
+    producer = any_producer  # Producer, then AsyncProducer
     key = f"order-{uuid.uuid4().hex}"
     first = producer.submit(prompt="hi", images=[image_server.url("/cats.png")], model=MODEL,
                             max_new_tokens=4, idempotency_key=key)

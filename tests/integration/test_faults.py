@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from tests.integration.cluster import Cluster, assert_once, sigkill_mid_job_is_recovered
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 LONG = 1200
@@ -36,8 +37,7 @@ def test_poison_job_fails_worker_lost_and_the_others_succeed(cluster: Cluster) -
     box: dict[str, str] = {}
 
     def kill_fetcher(_handler: Any) -> None:  # the poison: fetching its image kills the worker
-        while "id" not in box:
-            time.sleep(0.01)
+        eventually(lambda: "id" in box, timeout=30, interval=0.01)
         cluster.holder(box["id"]).proc.kill()
 
     cluster.start_worker()
@@ -47,13 +47,15 @@ def test_poison_job_fails_worker_lost_and_the_others_succeed(cluster: Cluster) -
     box["id"] = cluster.producer.submit(prompt="boom", images=[url], model=cluster.name)
     normal += [cluster.submit() for _ in range(10)]
     replaced: set[int] = set()
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and not cluster.producer.status(box["id"]).status.terminal:
+
+    def poison_settled() -> bool:  # and each worker it killed replaced meanwhile
         for worker in list(cluster.workers):
             if not worker.alive() and id(worker) not in replaced:
                 replaced.add(id(worker))
                 cluster.start_worker(wait=False)
-        time.sleep(0.3)
+        return cluster.producer.status(box["id"]).status.terminal
+
+    eventually(poison_settled, timeout=150, interval=0.3)
     state = cluster.producer.status(box["id"])
     assert state.status == "FAILED" and state.error and state.error.code == "WORKER_LOST"
     assert state.attempts == 3 and len(replaced) == 3
@@ -84,15 +86,12 @@ def test_stale_worker_commit_is_refused_by_the_fence(cluster: Cluster) -> None:
     stale = cluster.holder(job_id)
     os.kill(stale.proc.pid, signal.SIGSTOP)  # paused past its lease: another takes over
     try:
-        deadline = time.monotonic() + 60
-        while cluster.producer.status(job_id).attempts < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        eventually(lambda: cluster.producer.status(job_id).attempts >= 2, timeout=60,
+                   what="another worker takes the job over")
     finally:
         os.kill(stale.proc.pid, signal.SIGCONT)
     assert_once(cluster, job_id, attempts=2)
-    deadline = time.monotonic() + 30
-    while "fence" not in stale.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    eventually(lambda: "fence" in stale.log(), timeout=30, what="the stale worker's commit")
     assert "is stale" in stale.log()
 
 

@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 import redis
 
-from demo.servers import RedisServer
 from producer import keys
 from producer.client import build_request
-from producer.jobs import Ledger
-from producer.schema import JobStatus
+from producer.events import event_body, stamp
+from producer.jobs import Ending, Ledger
+from producer.replies import Append, Cancel, CancelOutcome, ClaimOutcome, Heartbeat
+from producer.schema import ErrorCode, ErrorInfo, JobStatus, Usage
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +32,14 @@ def new_job(ledger: Ledger, name: str, **options: Any) -> str:
     return job_id
 
 
+def delta(job_id: str, seq: int, text: str) -> str:
+    return stamp(event_body(job_id, "delta", delta=text), seq, seq + 1, time.time())
+
+
+def done(job_id: str) -> Ending:
+    return Ending.finished(job_id, JobStatus.SUCCEEDED, "stop", Usage(), {"result": "{}"})
+
+
 def test_claim_fences_and_refuses_stale_commits(ledger: Ledger) -> None:
     job_id = new_job(ledger, "fence")
     first = ledger.claim(job_id, "w1", lease_s=0.2, max_attempts=3)
@@ -39,11 +49,12 @@ def test_claim_fences_and_refuses_stale_commits(ledger: Ledger) -> None:
     second = ledger.claim(job_id, "w2", lease_s=5, max_attempts=3)
     assert second.outcome == "claimed" and second.fence == 2
     assert ledger.heartbeat(job_id, first.fence, 5) == -1
-    assert not ledger.finish(job_id, first.fence, JobStatus.SUCCEEDED, "done", {}, {})
-    assert ledger.finish(job_id, second.fence, JobStatus.SUCCEEDED, "done", {}, {})
+    assert not ledger.finish(job_id, first.fence, done(job_id))
+    assert ledger.finish(job_id, second.fence, done(job_id))
     state = ledger.state(job_id)
     assert state is not None and state.status == "SUCCEEDED" and state.attempts == 2
-    assert not ledger.finish(job_id, second.fence, JobStatus.FAILED, "error", {}, {})
+    failed = Ending.failed(job_id, ErrorInfo(code=ErrorCode.INTERNAL, message="late"))
+    assert not ledger.finish(job_id, second.fence, failed)
     assert ledger.redis.ttl(keys.job_key(job_id)) > 0
 
 
@@ -61,15 +72,16 @@ def test_attempt_cap_ends_failed_worker_lost(ledger: Ledger) -> None:
 
 def test_cancel_queued_running_and_finished(ledger: Ledger) -> None:
     queued = new_job(ledger, "cq")
-    assert ledger.cancel(queued) == "cancelled"
-    assert ledger.claim(queued, "w", 5, 3).outcome == "terminal"
+    assert ledger.cancel(queued) == Cancel(CancelOutcome.CANCELLED)
+    assert ledger.claim(queued, "w", 5, 3).outcome is ClaimOutcome.TERMINAL
     running = new_job(ledger, "cr")
     claim = ledger.claim(running, "w", 5, 3)
-    assert ledger.cancel(running) == "requested"
-    assert ledger.heartbeat(running, claim.fence, 5) == 1
-    assert ledger.append([(running, claim.fence, 0, "", 0)]) == [2]
-    assert ledger.cancel(queued) == "CANCELLED"
-    assert ledger.cancel("no-such-job") == "missing"
+    assert ledger.cancel(running, queued_only=True) == Cancel(CancelOutcome.LEFT_RUNNING)
+    assert ledger.cancel(running) == Cancel(CancelOutcome.REQUESTED)
+    assert ledger.heartbeat(running, claim.fence, 5) is Heartbeat.CANCEL
+    assert ledger.append([(running, claim.fence, 0, "", 0)]) == [Append.CANCEL]
+    assert ledger.cancel(queued) == Cancel(CancelOutcome.ENDED, JobStatus.CANCELLED)
+    assert ledger.cancel("no-such-job") == Cancel(CancelOutcome.MISSING)
 
 
 def test_deadline_passed_while_queued_expires_on_claim(ledger: Ledger) -> None:
@@ -92,7 +104,7 @@ def test_finished_index_drops_entries_past_retention(ledger: Ledger) -> None:
     ledger.redis.zadd(keys.TERMINAL_INDEX, {stale: time.time() - 121})  # retention is 120 s
     job_id = new_job(ledger, "trim")
     claim = ledger.claim(job_id, "w", 30, 3)
-    assert ledger.finish(job_id, claim.fence, JobStatus.SUCCEEDED, "done", {}, {})
+    assert ledger.finish(job_id, claim.fence, done(job_id))
     assert ledger.redis.zscore(keys.TERMINAL_INDEX, stale) is None
     assert ledger.redis.zscore(keys.TERMINAL_INDEX, job_id) is not None
 
@@ -105,8 +117,8 @@ def test_a_step_is_one_pipelined_round_trip_and_survives_a_script_flush() -> Non
         fences = [ledger.claim(j, "w", lease_s=30, max_attempts=3).fence for j in jobs]
 
         def step(seq: int) -> list[int]:
-            return ledger.append([(job_id, fence, seq, json.dumps({"seq": seq, "delta": "x"}),
-                                   seq + 1) for job_id, fence in zip(jobs, fences, strict=True)])
+            return ledger.append([(job_id, fence, seq, delta(job_id, seq, "x"), seq + 1)
+                                  for job_id, fence in zip(jobs, fences, strict=True)])
 
         assert step(0) == [1, 1, 1]  # the first also loads the script
         ledger.redis.config_resetstat()

@@ -8,16 +8,17 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from demo.servers import RedisServer, WorkerProcess
 from producer import JobFailed, Producer
+from tests.servers import RedisServer, WorkerProcess
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-qwen2_vl"
@@ -36,14 +37,6 @@ def health(health_file: str, *extra: str) -> tuple[int, dict[str, Any]]:
     done = subprocess.run([sys.executable, "-m", "worker", "health", *extra], env=env,
                           capture_output=True, text=True, timeout=60)
     return done.returncode, json.loads(done.stdout)
-
-
-def eventually(check: Callable[[], bool], what: str, limit_s: float = 60) -> None:
-    end = time.monotonic() + limit_s
-    while not check():
-        if time.monotonic() > end:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.2)
 
 
 def test_metrics_endpoint_counts_finished_jobs(producer: Producer, workers: Any,
@@ -76,7 +69,8 @@ def test_metrics_endpoint_counts_finished_jobs(producer: Producer, workers: Any,
 
 def test_health_of_a_consuming_worker(workers: Any) -> None:
     worker = workers["qwen2_vl"]
-    eventually(lambda: health(worker.health_file)[0] == 0, "the worker reports healthy")
+    eventually(lambda: health(worker.health_file)[0] == 0, interval=0.5,
+               what="the worker reports healthy")
     code, report = health(worker.health_file)
     assert report["healthy"] and report["consuming"] and report["problems"] == []
     assert report["model"] == MODEL and f"q-{MODEL}" in report["queues"]
@@ -107,7 +101,8 @@ def private_worker(tiny_paths: dict[str, str], image_server: Any,
 def test_json_logs_without_secrets_and_health_when_redis_goes(
         private_worker: Any, image_server: Any) -> None:
     server, url, proc = private_worker
-    eventually(lambda: health(proc.health_file)[0] == 0, "the worker reports healthy")
+    eventually(lambda: health(proc.health_file)[0] == 0, interval=0.5,
+               what="the worker reports healthy")
     payload = base64.b64encode(b"definitely not an image, but long enough " * 4).decode()
     with Producer(url) as producer:
         ok = producer.submit(prompt="What is it?", images=[image_server.url("/cats.png")],
@@ -131,8 +126,61 @@ def test_json_logs_without_secrets_and_health_when_redis_goes(
                     changes[job_id].append(record["status"])
     assert changes == {ok: ["RUNNING", "SUCCEEDED"], bad: ["RUNNING", "FAILED"]}
 
+    assert probe(proc.metrics_port, "/livez")[0] == 200
+    eventually(lambda: probe(proc.metrics_port, "/readyz")[0] == 200, what="/readyz answers 200")
+    assert probe(proc.metrics_port, "/nowhere")[0] == 404
+
     server.stop()  # Redis (ledger and broker) goes away: the worker cannot consume
-    eventually(lambda: health(proc.health_file)[0] == 1, "the worker reports unhealthy")
+    eventually(lambda: health(proc.health_file)[0] == 1, interval=0.5,
+               what="the worker reports unhealthy")
     code, report = health(proc.health_file)
     assert "the broker does not answer" in report["problems"]
     assert report["consuming"] is False
+    status, body = probe(proc.metrics_port, "/readyz")  # the same verdict over HTTP
+    assert status == 503 and "the ledger Redis does not answer" in body["problems"]
+    assert probe(proc.metrics_port, "/livez")[0] == 200  # alive: no reason to restart it
+    eventually(lambda: "does not answer" in proc.log(), what="the outage is logged")
+    time.sleep(2.0)  # more heartbeats (0.5 s apart) while Redis is away
+    proc.stop()  # SIGTERM: Celery's shutdown banner goes through the same JSON handler
+    records = [json.loads(line) for line in proc.log().splitlines() if line.strip()]
+    messages = [record["msg"] for record in records]  # every line was one JSON object
+    assert not any("Traceback" in json.dumps(record) for record in records)
+    assert sum("does not answer" in m and "ledger" in m for m in messages) == 1
+    loading = next(i for i, r in enumerate(records) if r["msg"].startswith("loading model"))
+    ready = next(i for i, r in enumerate(records) if r["msg"] == "model ready")
+    assert loading < ready and records[ready]["quantize"] == "none"
+    assert records[loading]["device"] == "cpu"
+    announce = next(r for r in records if r["msg"].startswith("vlmq-worker: ready"))
+    assert announce["level"] == "INFO" and announce["logger"] == "vlmq.announce"
+    assert any("Warm shutdown" in m for m in messages)
+
+
+def probe(port: int, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        return error.code, json.loads(body) if error.code != 404 else body.decode()
+
+
+@pytest.mark.parametrize("env, args, expected", [
+    ({"VLMQ_QUANTIZE": "int4"}, [], ["VLMQ_QUANTIZE='int4' (--quantize): Input should be"]),
+    ({"VLMQ_MAX_BATCH_SIZE": "abc"}, [], ["VLMQ_MAX_BATCH_SIZE='abc' (--max-batch-size)"]),
+    ({"VLMQ_ALLOWED_PORTS": "80,eighty"}, [], ["VLMQ_ALLOWED_PORTS='eighty': Input should"]),
+    ({}, ["--device", "gpu"], ["VLMQ_DEVICE='gpu' (--device): use auto, cpu, cuda or cuda:N"]),
+    ({"VLMQ_RESULT_STORE": "s3", "VLMQ_QUANTIZE": "int4"}, [],
+     ["VLMQ_QUANTIZE='int4'"]),
+    ({"VLMQ_RESULT_STORE": "s3"}, [], ["VLMQ_RESULT_STORE=s3 needs VLMQ_S3_RESULT_BUCKET"]),
+])
+def test_a_bad_setting_is_one_line_before_anything_loads(env: dict[str, str], args: list[str],
+                                                          expected: list[str]) -> None:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
+    full.update(env, VLMQ_MODEL="/nonexistent/model/dir")  # a load would fail differently
+    done = subprocess.run([sys.executable, "-m", "worker", *args], env=full,
+                          capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == len(expected) and "Traceback" not in done.stderr
+    for line, text in zip(lines, expected, strict=True):
+        assert line.startswith("vlmq-worker: cannot start: ") and text in line, line

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+from transformers.models.idefics.modeling_idefics import IdeficsDecoupledLinear
 
-from demo.servers import WorkerProcess
 from tests.conftest import ARCHS
+from tests.servers import WorkerProcess
 from worker.model import quantize
 from worker.model.check import smoke_generate
 from worker.model.load import LoadedModel, load
@@ -49,7 +50,8 @@ def layers(model: Any, kind: str) -> list[tuple[str, Any]]:
 def assert_kept(loaded: LoadedModel, arch: str, mode: str) -> None:
     """The plan's excluded modules are still plain torch Linear layers; the rest quantized."""
     skip = quantize.plan(mode, loaded.model.config.model_type).skip or []
-    linears = [name for name, m in loaded.model.named_modules() if type(m) is torch.nn.Linear]
+    plain = (torch.nn.Linear, IdeficsDecoupledLinear)  # IDEFICS' lm_head: a Linear subclass
+    linears = [name for name, m in loaded.model.named_modules() if type(m) in plain]
     assert "lm_head" in linears
     for name in linears:
         assert any(name == s or name.startswith(s + ".") for s in skip), f"{arch}: {name}"
@@ -62,7 +64,7 @@ def generates(loaded: LoadedModel) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "idefics"])
 def test_quanto_int8_loads_generates_and_holds_int8_weights(arch: str, dtype: str) -> None:
     loaded = load_tiny(arch, "int8", dtype)
     generates(loaded)
@@ -79,7 +81,7 @@ def test_quanto_int8_loads_generates_and_holds_int8_weights(arch: str, dtype: st
 
 
 @pytest.mark.skipif(BNB_WHY is not None, reason=f"bitsandbytes 8-bit cannot run here: {BNB_WHY}")
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "idefics"])
 def test_bnb_int8_loads_generates_and_holds_int8_weights(arch: str) -> None:
     loaded = load_tiny(arch, "int8-bnb", "float32")
     generates(loaded)

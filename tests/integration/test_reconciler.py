@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from demo.servers import RedisServer
 from producer.client import build_request
 from producer.jobs import Ledger, connect
+from tests.servers import RedisServer
 from worker.ops.reconciler import Depth, Reconciler
 
 pytestmark = pytest.mark.integration

@@ -17,12 +17,12 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from demo.servers import WorkerProcess
 from producer import JobFailed, Producer
 from producer.cli import main as vlmq
 from producer.errors import ResultUnavailable
 from producer.keys import job_key
 from producer.s3 import S3Config
+from tests.servers import WorkerProcess
 
 pytestmark = pytest.mark.integration
 MODEL = "s3-results"

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import redis
 
-from demo.servers import RedisServer, WorkerProcess, redis_tls_missing
 from producer import JobFailed, Producer
 from producer.keys import job_key
 from tests.certs import identity, redis_tls
+from tests.servers import RedisServer, WorkerProcess, redis_tls_missing
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-secure"

@@ -14,27 +14,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from demo.servers import WorkerProcess, free_port
+from tests.servers import WorkerProcess, free_port
+from tests.waiting import eventually
 from worker.model.memory import RECYCLE_EXIT
 
 pytestmark = pytest.mark.integration
 STARTED = re.compile(r"child gpu=(\S+) pid=(\d+) started \(CUDA_VISIBLE_DEVICES=(\S+)\)")
-
-
-def eventually(check: Callable[[], Any], what: str, limit_s: float = 180) -> Any:
-    end = time.monotonic() + limit_s
-    while not (value := check()):
-        if time.monotonic() > end:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.2)
-    return value
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -93,7 +83,8 @@ def test_gpus_runs_one_pinned_worker_per_gpu_restarts_the_dead_and_stops_on_sigt
                      VLMQ_ALLOW_PRIVATE_ADDRESSES="true",
                      VLMQ_ALLOWED_PORTS=f"80,443,{image_server.port}")
     try:
-        eventually(lambda: sup.log().count("vlmq-worker: ready") >= 2, "two children ready")
+        eventually(lambda: sup.log().count("vlmq-worker: ready") >= 2, timeout=180,
+                   what="two children ready")
         first = sup.children()
         assert sorted((gpu, visible) for gpu, _pid, visible in first) == [("0", "0"), ("1", "1")]
         for gpu, pid, _visible in first:  # pinned in the child's real environment
@@ -111,10 +102,11 @@ def test_gpus_runs_one_pinned_worker_per_gpu_restarts_the_dead_and_stops_on_sigt
         victim = next(pid for gpu, pid, _v in first if gpu == "0")
         os.kill(victim, signal.SIGKILL)
         again = eventually(lambda: [c for c in sup.children() if c[0] == "0" and c[1] != victim],
-                           "child on gpu 0 restarted")
+                           timeout=180, what="child on gpu 0 restarted")
         assert f"pid={victim} exited with signal SIGKILL" in sup.log()
         assert environ(again[0][1])["CUDA_VISIBLE_DEVICES"] == "0"
-        eventually(lambda: sup.log().count("vlmq-worker: ready") >= 3, "restarted child ready")
+        eventually(lambda: sup.log().count("vlmq-worker: ready") >= 3, timeout=180,
+                   what="restarted child ready")
 
         sup.proc.send_signal(signal.SIGTERM)
         assert sup.proc.wait(120) == 0

@@ -18,8 +18,9 @@ import yaml
 from celery import Celery
 from kombu import Connection
 
-from producer.client import broker_queue
+from producer.broker import broker_queue
 from tests.integration.test_failures import MODEL, assert_serving
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 QUEUE = f"q-{MODEL}"
@@ -81,9 +82,8 @@ def test_forged_message_is_refused_dropped_and_never_decoded(
     job_id = uuid.uuid4().hex
     before = refusals(worker.log(), content_type)
     forge(redis_server.url, job_id, body, content_type)
-    end = time.monotonic() + 30
-    while refusals(worker.log(), content_type) == before and time.monotonic() < end:
-        time.sleep(0.2)
+    eventually(lambda: refusals(worker.log(), content_type) > before, timeout=30,
+               what=f"the worker refuses the {content_type} message")
     log = worker.log()
     assert refusals(log, content_type) == before + 1, log[-3000:]
 

@@ -33,6 +33,9 @@ def test_only_the_settings_read_vlmq_settings_from_the_environment() -> None:
 def test_dependencies_point_one_way() -> None:
     for path in ROOT.glob("producer/**/*.py"):
         assert not any(name.split(".")[0] == "worker" for name in _imports(path)), path
+    for path in ROOT.glob("worker/**/*.py"):
+        bad = {n for n in _imports(path) if n in ("producer.client", "producer.aio")}
+        assert not bad, f"{path} imports the client face {bad}"
 
 
 def test_modules_stay_small() -> None:

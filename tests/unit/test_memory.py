@@ -80,5 +80,12 @@ def test_plans_keep_head_and_projector_and_nf4_keeps_the_vision_tower(
     assert not quantize.plan("none", model_type).quantized
 
 
+def test_idefics_keeps_vision_perceiver_and_cross_attention_in_every_mode() -> None:
+    kept = ["model.vision_model", "model.perceiver_resampler", "model.gated_cross_attn_layers"]
+    for mode in ("int8", "int8-bnb", "nf4-bnb"):
+        skip = quantize.plan(mode, "idefics").skip
+        assert skip is not None and set(skip) == {"lm_head", *kept} and len(skip) == 4
+
+
 def test_unknown_architectures_get_transformers_defaults() -> None:
     assert quantize.plan("int8", "some_new_vlm").skip is None

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from producer import keys
+from producer.broker import is_queue_list
 from producer.client import build_request
 from producer.errors import ResultUnavailable
 from producer.s3 import S3Config, split_uri
@@ -119,9 +119,9 @@ def test_s3_config_and_uris() -> None:
 
 
 def test_queue_list_names() -> None:
-    assert keys.is_queue_list("vlmq") and keys.is_queue_list("vlmq.tiny-x")
-    assert keys.is_queue_list("vlmq.m\x06\x163")
-    assert not keys.is_queue_list("vlmq:job:1:attempts") and not keys.is_queue_list("vlmqx")
+    assert is_queue_list("vlmq") and is_queue_list("vlmq.tiny-x")
+    assert is_queue_list("vlmq.m\x06\x163")
+    assert not is_queue_list("vlmq:job:1:attempts") and not is_queue_list("vlmqx")
 
 
 def test_producer_modules_do_not_import_boto3() -> None:
@@ -132,34 +132,28 @@ def test_producer_modules_do_not_import_boto3() -> None:
     assert out.stdout.strip() == "[]"
 
 
-class _Stream:
-    def __init__(self, ts: float, etype: str = "delta") -> None:
-        self.entries = [(b"1-0", {b"data": json.dumps({"ts": ts, "type": etype}).encode()})]
-
-    def xrange(self, key: str, count: int) -> Any:
-        return self.entries
-
-
 def test_metrics_batch_once_per_batch_and_first_token() -> None:
     from producer.schema import Timings, Usage
     from worker.engine.work import Outcome, Work
-    from worker.ops.metrics import Metrics, first_token_at
+    from worker.ops.metrics import Metrics
 
     metrics = Metrics()
     request = build_request(prompt="hi", images=["https://example.com/a.png"])
     rows = [Work(job_id=f"j{i}", fence=1, request=request, created_at=100.0, deadline=1e12)
             for i in range(3)]
-    for row in rows:
-        row.gen_started = 101.0
+    for row in rows:  # what the engine records on each row
+        row.gen_started, row.batch_size, row.first_token_at = 101.0, 3, 100.25
     outcome = Outcome(text="x", finish_reason="stop", usage=Usage(completion_tokens=4),
                       timings=Timings(queued_ms=500, generate_ms=2000, total_ms=3000))
     for row in rows:  # each row of the one batch finishes; the batch is counted once
-        metrics.job_finished(row, outcome, rows, _Stream(100.25))
+        metrics.job_finished(row, outcome)
     value = metrics.registry.get_sample_value
     assert value("vlmq_batch_size_count") == 1 and value("vlmq_batch_size_sum") == 3
     assert value("vlmq_time_to_first_token_seconds_sum") == pytest.approx(0.75)
     assert value("vlmq_generation_tokens_per_second_sum") == pytest.approx(6.0)
     assert value("vlmq_queue_wait_seconds_count") == 3
-    assert first_token_at(rows[0], _Stream(5.0, "error")) is None  # no token was streamed
+    rows[0].first_token_at = 0.0  # no token came out: no time to first token
+    metrics.job_finished(rows[0], outcome)
+    assert value("vlmq_time_to_first_token_seconds_count") == 3
     metrics.job_ended("FAILED", "IMAGE_NOT_FOUND")
     assert value("vlmq_jobs_total", {"status": "FAILED", "code": "IMAGE_NOT_FOUND"}) == 1

@@ -7,6 +7,7 @@ import contextlib
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -82,6 +83,39 @@ def test_conversation_shape_rules() -> None:
     assert problems(messages=[{"role": "user", "content": "a"}], prompt="b")
     assert problems(messages=[])
     assert problems(messages=[{"role": "robot", "content": "hi"}])
+    assert problems(messages=[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
+    # a final assistant message is continued (the pipeline's continue_final_message)
+    request = build_request([{"role": "user", "content": "a"},
+                             {"role": "assistant", "content": "There's a pink flower"}])
+    assert request.messages is not None and request.messages[-1].role == "assistant"
+
+
+def test_prompt_parts_are_a_completion_request() -> None:
+    request = build_request(prompt_parts=["User:", {"type": "image", "image": PNG_URI},
+                                          "Describe this image.\nAssistant:"],
+                            params={"bad_words": ["<image>"], "end_tokens": ["<end_of_utterance>"],
+                                    "num_beams": 2})
+    assert request.messages is None and request.image_sources() == [PNG_URI]
+    assert [p.type for p in request.all_parts()] == ["text", "image", "text"]
+    assert request.params.num_beams == 2 and request.params.bad_words == ["<image>"]
+    assert JobRequest.model_validate_json(request.model_dump_json()) == request
+    assert problems(prompt_parts=[])
+    assert problems(prompt_parts=["x"], messages=[{"role": "user", "content": "a"}])
+    assert problems(prompt_parts=["x"], prompt="y")
+    assert problems(prompt_parts=[{"type": "image", "image": "file:///etc/passwd"}])
+    limits = Limits(max_images=1, max_text_chars=4, max_prompt_parts=3, max_bad_words=1)
+    with pytest.raises(InvalidRequestError, match="at most 1 images"):
+        build_request(prompt_parts=[{"type": "image", "image": PNG_URI}] * 2,
+                      limits=limits)
+    with pytest.raises(InvalidRequestError, match="limit 4"):
+        build_request(prompt_parts=["abc", "de"], limits=limits)
+    with pytest.raises(InvalidRequestError, match="at most 3 parts"):
+        build_request(prompt_parts=["a"] * 4, limits=limits)
+    with pytest.raises(InvalidRequestError, match="bad words"):
+        build_request(prompt_parts=["a"], params={"bad_words": ["x", "y"]}, limits=limits)
+    with pytest.raises(InvalidRequestError, match="do_sample"):
+        build_request(prompt="a", params={"num_beams": 2, "do_sample": True})
+    assert "params.num_beams" in problems(prompt="a", params={"num_beams": 0})
 
 
 def test_schema_command_prints_json_schema() -> None:
@@ -89,7 +123,7 @@ def test_schema_command_prints_json_schema() -> None:
                          capture_output=True, text=True).stdout
     doc = json.loads(out)
     assert doc == json.loads(json.dumps(request_json_schema()))
-    assert "messages" in doc["models"]["JobRequest"]["properties"]
+    assert {"messages", "prompt_parts"} <= set(doc["models"]["JobRequest"]["properties"])
 
 
 def test_import_producer_pulls_no_torch() -> None:
@@ -110,7 +144,8 @@ json_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["messages", "prompt", "images", "params", "model",
-                                        "ttl_s", "metadata", "stop", "extra"]), json_values))
+                                        "prompt_parts", "ttl_s", "metadata", "stop", "extra"]),
+                       json_values))
 def test_any_input_gives_a_request_or_a_validation_error(data: dict[str, object]) -> None:
     with contextlib.suppress(InvalidRequestError):
         build_request(**data)  # type: ignore[arg-type]
@@ -123,3 +158,26 @@ def test_a_record_with_garbage_counters_reads_without_crashing() -> None:
     assert state.attempts == 0 and state.started_at is None
     assert parse_state({"id": "j2", "status": "QUEUED", "created_at": "1",
                         "attempts": "2"}).attempts == 2
+
+
+def test_cli_submits_prompt_parts_and_token_options(tmp_path: Any) -> None:
+    from producer import cli
+
+    parts = tmp_path / "parts.json"
+    parts.write_text(json.dumps([{"type": "image", "image": PNG_URI}, "This is an image of "]))
+    sent: list[JobRequest] = []
+
+    class Recorder:
+        def submit(self, messages: Any = None, **options: Any) -> str:
+            sent.append(build_request(messages, **options))
+            return "job-1"
+
+    args = cli._parser().parse_args(["submit", "--parts", str(parts), "--bad-word", "<image>",
+                                     "--end-token", "<end_of_utterance>", "--num-beams", "2",
+                                     "--max-new-tokens", "9"])
+    assert cli._submit(Recorder(), args) == 0  # type: ignore[arg-type]
+    request = sent[0]
+    assert request.messages is None and request.image_sources() == [PNG_URI]
+    assert request.params.bad_words == ["<image>"] and request.params.num_beams == 2
+    assert request.params.end_tokens == ["<end_of_utterance>"]
+    assert request.params.max_new_tokens == 9

@@ -11,7 +11,7 @@ from celery.security.certificate import FSCertStore
 from celery.security.serialization import SecureSerializer
 from kombu.serialization import dumps
 
-from producer.client import broker_ssl, make_celery
+from producer.broker import broker_ssl, make_celery
 from producer.jobs import new_record
 from producer.schema import JobRequest
 from producer.signing import Signer, SigningError, Verifier, signer_from

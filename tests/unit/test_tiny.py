@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 from worker.tiny import ARCHS, build, main, tiny_model_path  # noqa: E402
+from worker.tiny_archs import CHAT_ARCHS  # noqa: E402
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:
@@ -67,7 +68,7 @@ def _generate(processor: Any, model: Any, conversation: Any, **kwargs: Any) -> l
     return processor.batch_decode(generated_ids[:, input_len:], skip_special_tokens=True)
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=CHAT_ARCHS)
 def loaded(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
     arch = request.param
     path = build(arch, tmp_path_factory.mktemp(arch))
@@ -106,7 +107,7 @@ def test_batched_generation(loaded: tuple[str, Any, Any]) -> None:
     assert len(texts) == 2 and all(t.strip() for t in texts), texts
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "idefics3", "idefics"])
 def test_builds_are_byte_identical(arch: str, tmp_path: Path) -> None:
     first, second = build(arch, tmp_path / "a"), build(arch, tmp_path / "b")
     names = sorted(p.name for p in first.iterdir())
@@ -114,6 +115,38 @@ def test_builds_are_byte_identical(arch: str, tmp_path: Path) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names)
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def _idefics_caption(processor: Any, model: Any, prompt: list[Any]) -> str:
+    """The IDEFICS guide's captioning code (``processor(text=...)`` in transformers 5)."""
+    inputs = processor(text=prompt, return_tensors="pt")
+    bad_words_ids = processor.tokenizer(["<image>", "<fake_token_around_image>"],
+                                        add_special_tokens=False).input_ids
+    generated_ids = model.generate(**inputs, max_new_tokens=12, bad_words_ids=bad_words_ids,
+                                   do_sample=False)
+    return str(processor.batch_decode(generated_ids, skip_special_tokens=True)[0])
+
+
+def test_idefics_is_image_conditioned(tmp_path: Path) -> None:
+    path = build("idefics", tmp_path / "idefics")
+    assert "idefics" in ARCHS and "idefics" not in CHAT_ARCHS
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path)
+    assert type(model).__name__ == "IdeficsForVisionText2Text"
+    assert type(processor).__name__ == "IdeficsProcessor" and not processor.chat_template
+    tokenizer = processor.tokenizer
+    for token in ("<image>", "<fake_token_around_image>", "<end_of_utterance>"):
+        ids = tokenizer(token, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and ids[0] != tokenizer.unk_token_id, token
+    gates = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("alpha_")]
+    assert gates and all(float(p.detach().abs().min()) > 0 for p in gates)
+    # the gates are open: a different picture (or none) changes the greedy caption
+    captions = {_idefics_caption(processor, model, [image, "This is an image of "])
+                for image in (SMALL, LARGE, Image.new("RGB", (40, 30), "white"))}
+    captions.add(_idefics_caption(processor, model, ["This is an image of "]))
+    assert len(captions) == 4, captions
+    text = "Café 🐝 猫"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
 
 
 def test_unknown_arch_and_size_rejected(tmp_path: Path) -> None:

@@ -4,12 +4,17 @@ Each request is preprocessed alone (in the prep pool, overlapping generation); a
 the per-request tensors instead of running the processor again:
 - sequence tensors (input_ids, attention_mask, mm_token_type_ids, ...: shape (1, L)) are
   left-padded to the longest row, with the pad id for input_ids and 0 elsewhere;
-- per-request image stacks of shape (1, n_images, ...) (Idefics3 / SmolVLM) are padded with
-  all-zero images up to the largest n_images (the model skips all-zero images, as it does for
-  the processor's own padding), then stacked;
+- per-request image stacks of shape (1, n_images, ...) (Idefics3 / SmolVLM, IDEFICS) are
+  padded with all-zero images up to the largest n_images (the model skips all-zero images, as
+  it does for the processor's own padding), then stacked;
+- IDEFICS' ``image_attention_mask`` (1, L, n_images) is padded with zeros on both axes: left
+  on the sequence axis, right on the image axis (a padded image is attended by no token), as
+  the processor pads a batch;
 - everything else (flattened patches and grid sizes of Qwen-VL, LLaVA's (n, 3, H, W)) is
   concatenated along dim 0 in row order.
-Sampling requests run alone, so that a seeded job gives the same text as when run alone.
+Sampling requests run alone, so that a seeded job gives the same text as when run alone; so do
+beam searches (``num_beams`` > 1). Rows share a batch only with the same bad words (one
+``bad_words_ids`` per ``generate``); end tokens are checked per row by the engine.
 """
 
 from __future__ import annotations
@@ -20,12 +25,18 @@ from typing import Any
 import torch
 
 SEQUENCE_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
+SEQUENCE_BY_IMAGE_KEYS = {"image_attention_mask"}  # IDEFICS: (1, L, n_images)
 
 
 def can_share(a: Any, b: Any) -> bool:
-    """Whether two requests may share a batch: greedy with greedy, same processor outputs."""
+    """Whether two requests may share a batch: greedy with greedy, no beam search, same
+    processor outputs, same repetition penalty and bad words."""
     pa, pb = a.request.params, b.request.params
     if pa.do_sample or pb.do_sample or set(a.inputs) != set(b.inputs):
+        return False
+    if pa.num_beams > 1 or pb.num_beams > 1:
+        return False
+    if a.rules.bad_words_ids != b.rules.bad_words_ids:
         return False
     return bool(pa.repetition_penalty == pb.repetition_penalty)
 
@@ -73,6 +84,14 @@ def _pad_images(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def _pad_sequence_by_image(rows: list[torch.Tensor]) -> torch.Tensor:
+    width = max(row.shape[1] for row in rows)
+    count = max(row.shape[2] for row in rows)
+    padded = [torch.nn.functional.pad(row, (0, count - row.shape[2], width - row.shape[1], 0))
+              for row in rows]
+    return torch.cat(padded, dim=0)
+
+
 def collate(inputs: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Join per-request processor outputs into one batch (see the module docstring)."""
     if len(inputs) == 1:
@@ -81,6 +100,9 @@ def collate(inputs: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, tor
     lengths = [int(item["input_ids"].shape[-1]) for item in inputs]
     for key in inputs[0]:
         rows = [item[key] for item in inputs]
+        if key in SEQUENCE_BY_IMAGE_KEYS:
+            joined[key] = _pad_sequence_by_image(rows)
+            continue
         sequence = key in SEQUENCE_KEYS or all(
             row.dim() == 2 and row.shape[0] == 1 and row.shape[1] == length
             for row, length in zip(rows, lengths, strict=True))

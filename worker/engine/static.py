@@ -5,11 +5,15 @@ Threads:
 - a small prep pool fetches and decodes images and runs the processor for each request alone,
   so the next requests' preprocessing overlaps the current generation;
 - one generation thread takes every prepared request waiting, picks a batch (``batching.plan``:
-  greedy rows of similar length within the row, token and pixel budgets; sampling rows alone),
+  greedy rows of similar length within the row, token and pixel budgets; sampling and beam
+  search rows alone),
   joins the inputs with left padding (``batching.collate``) and runs ``model.generate``. After
   every decode step a StoppingCriteria hook decides, per row, whether it is done (EOS, stop
   string, its own max_new_tokens, cancel, deadline) and hands that step's deltas for the
-  whole batch to the publisher;
+  whole batch to the publisher. End-of-sequence is the model's EOS ids plus the row's end
+  tokens, and bad words are banned (``worker.engine.options``). Beam search (``num_beams`` > 1)
+  runs its row alone (``worker.engine.beams``) and publishes the answer once it ends (the best
+  beam is only known then);
 - one publisher thread sends each step's events in one pipelined Redis round trip, reads back
   cancel flags, and resolves a job's future once its last delta is written, so the terminal
   event (written by the task) always comes last.
@@ -40,6 +44,8 @@ import torch
 
 from producer.schema import JobRequest
 from worker.engine.batching import collate, plan
+from worker.engine.beams import beam_search
+from worker.engine.options import token_rules
 from worker.engine.prompts import encode
 from worker.engine.publisher import Publisher
 from worker.engine.sanitize import PromptSanitizer
@@ -65,6 +71,7 @@ class Engine:
         self.sanitizer = PromptSanitizer.for_processor(loaded.processor, settings.control_tokens)
         eos = loaded.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.model_type = str(getattr(loaded.model.config, "model_type", ""))
         self._ready: queue.Queue[Work | None] = queue.Queue()
         self.broken = False
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmq-prep")
@@ -94,6 +101,8 @@ class Engine:
             work.fetch_ms = (time.perf_counter() - started) * 1000
             work.pixels = sum(image.width * image.height for image in images)
             started = time.perf_counter()
+            work.rules = token_rules(self.tokenizer, work.request.params, self.model_type,
+                                     self.eos_ids, chat=work.request.messages is not None)
             work.inputs = self._encode(work.request, images)
             work.prompt_tokens = int(work.inputs["input_ids"].shape[1])
             work.preprocess_ms = (time.perf_counter() - started) * 1000
@@ -195,27 +204,28 @@ class Engine:
             return ResourceExhausted(f"out of memory while generating: {error}")
         return ModelError(f"generation failed: {type(error).__name__}: {error}")
 
-    def _generate(self, batch: list[Work]) -> None:
-        params = batch[0].request.params  # rows of a batch share their generation settings
-        limits = [min(w.request.params.max_new_tokens, self.settings.max_new_tokens_cap)
-                  for w in batch]
+    def _start(self, batch: list[Work]) -> list[Work]:
+        """Ready each row to stream; end at once those cancelled or past their deadline.
+        Returns the rows that generate."""
         now = time.time()
         cap = now + self.settings.max_generate_s
         live = []
         for row in batch:
             row.deadline = min(row.deadline, cap)
             row.gen_started = row.gen_started or now
+            row.batch_size = len(batch)
             row.assembler = TextAssembler(self._decode, row.request.params.stop, row.already_sent)
             if row.cancel.is_set() or now >= row.deadline:
                 row.finish_reason = "cancelled" if row.cancel.is_set() else "deadline"
                 self.publisher.send([], [row])
             else:
                 live.append(row)
-        if not live:
-            return
-        if len(live) < len(batch):
-            batch, limits = live, [lim for w, lim in zip(batch, limits, strict=True) if w in live]
+        return live
+
+    def _generate_kwargs(self, batch: list[Work], limits: list[int]) -> dict[str, Any]:
+        params = batch[0].request.params  # rows of a batch share their generation settings
         kwargs: dict[str, Any] = {"max_new_tokens": max(limits), "do_sample": params.do_sample}
+        kwargs.update(batch[0].rules.generate_kwargs())  # rows of a batch share their bad words
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k)
@@ -223,14 +233,34 @@ class Engine:
                 torch.manual_seed(params.seed)
         if params.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = params.repetition_penalty
-        log.info("generate batch=%d rows=%s", len(batch), ",".join(w.job_id[:8] for w in batch))
+        pad_id = self.tokenizer.pad_token_id
+        if len(batch) > 1 and pad_id is not None:
+            kwargs["pad_token_id"] = int(pad_id)
+        return kwargs
+
+    def _inputs(self, batch: list[Work]) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
         inputs = collate([w.inputs for w in batch], 0 if pad_id is None else int(pad_id))
         inputs = {key: value.to(self.loaded.device) for key, value in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
-        if len(batch) > 1 and pad_id is not None:
-            kwargs["pad_token_id"] = int(pad_id)
+        return inputs
+
+    def _generate(self, batch: list[Work]) -> None:
+        batch = self._start(batch)
+        if not batch:
+            return
+        limits = [min(w.request.params.max_new_tokens, self.settings.max_new_tokens_cap)
+                  for w in batch]
+        kwargs = self._generate_kwargs(batch, limits)
+        log.info("generate batch=%d rows=%s", len(batch), ",".join(w.job_id[:8] for w in batch))
+        inputs = self._inputs(batch)
+        beams = batch[0].request.params.num_beams
+        if beams > 1:  # alone (batching.plan); the text goes out when it ends
+            row = batch[0]
+            delta = beam_search(self.loaded.model, row, inputs, kwargs | {"num_beams": beams})
+            self.publisher.send([(row, row.event("delta", delta))], [row])
+            return
         with torch.inference_mode():
             self.loaded.model.generate(
                 **inputs, **kwargs,
@@ -255,9 +285,10 @@ class Engine:
                 continue
             assert row.assembler is not None
             row.tokens += 1
+            row.first_token_at = row.first_token_at or now
             delta = row.assembler.push([token])
             reason = None
-            if token in self.eos_ids or row.assembler.stopped:
+            if token in row.rules.end_ids or row.assembler.stopped:
                 reason = "stop"
             elif row.tokens >= limit:
                 reason = "length"

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.schema import FinishReason, JobRequest, Timings, Usage
+from producer.events import event_body, stamp
+from producer.schema import EventType, FinishReason, JobRequest, Timings, Usage
+from worker.engine.options import TokenRules
 from worker.engine.textstream import TextAssembler
 
 
@@ -41,12 +42,16 @@ class Work:
     inputs: Any = None
     prompt_tokens: int = 0
     pixels: int = 0
+    rules: TokenRules = field(default_factory=TokenRules)  # bad words and end ids, resolved
     fetch_ms: float = 0.0
     preprocess_ms: float = 0.0
     gen_started: float = 0.0
     assembler: TextAssembler | None = None
     tokens: int = 0
     finish_reason: FinishReason | None = None
+    # for metrics: when the first token came out, and the rows of the batch it ran in
+    first_token_at: float = 0.0
+    batch_size: int = 0
 
     def reset_for_retry(self) -> None:
         """Start generating again (after an out-of-memory split), without re-sending text."""
@@ -60,15 +65,14 @@ class Work:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def event(self, etype: str, delta: str = "") -> tuple[str, int, int, str, int]:
-        """A stream row for ``Ledger.append``: consumes the next seq when there is an event."""
+    def event(self, etype: EventType, delta: str = "") -> tuple[str, int, int, str, int]:
+        """A stream row for ``Ledger.append``: consumes the next seq when there is an event
+        (the worker's count of its stream, started where the claim said the stream is)."""
         if not delta and etype == "delta":
             return (self.job_id, self.fence, self.next_seq, "", self.tokens)
         seq = self.next_seq
         self.next_seq += 1
-        data = json.dumps({"schema_version": 1, "job_id": self.job_id, "seq": seq,
-                           "type": etype, "delta": delta, "tokens": self.tokens,
-                           "ts": time.time()}, ensure_ascii=False)
+        data = stamp(event_body(self.job_id, etype, delta=delta), seq, self.tokens, time.time())
         return (self.job_id, self.fence, seq, data, self.tokens)
 
     def outcome(self) -> Outcome:

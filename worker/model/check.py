@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from producer.schema import JobRequest
+from worker.engine.prompts import encode
 from worker.model.load import LoadedModel
 from worker.model.memory import MB, gpu_memory, rss_bytes
 
@@ -22,11 +24,11 @@ CHECK_TOKENS = 16
 def smoke_generate(loaded: LoadedModel) -> dict[str, Any]:
     """Generate a few tokens for a small synthetic image; report tokens/s."""
     image = Image.new("RGB", (64, 48), (120, 160, 200))
-    messages = [{"role": "user", "content": [
-        {"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}]}]
-    inputs = loaded.processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-        return_tensors="pt").to(loaded.device)
+    request = JobRequest.model_validate({"messages": [{"role": "user", "content": [
+        {"type": "image", "image": "data:image/png;base64,AA=="},
+        {"type": "text", "text": "Describe this image."}]}]})
+    # the engine's own prompt path for this architecture (chat template, or IDEFICS' prompt)
+    inputs = encode(loaded.processor, request, [image], None, 1 << 20).to(loaded.device)
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
     started = time.perf_counter()

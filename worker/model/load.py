@@ -181,6 +181,9 @@ def load(settings: WorkerSettings) -> LoadedModel:
         raise StartupError(reason)
     _check_path(settings.model)
     hf_logging.disable_progress_bar()
+    log.info("loading model %s", settings.model, extra={"fields": {
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "attention": attn,
+        "quantize": settings.quantize}})
     started = time.perf_counter()
     try:
         config = AutoConfig.from_pretrained(settings.model)
@@ -210,7 +213,7 @@ def load(settings: WorkerSettings) -> LoadedModel:
         log.info("int8-bnb: bitsandbytes casts float32 activations to float16 for its 8-bit "
                  "matmuls (float16 or bfloat16 dtypes avoid the cast)")
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    log.info("model ready %s", loaded.describe())
+    log.info("model ready", extra={"fields": loaded.describe()})
     return loaded
 
 

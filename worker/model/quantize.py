@@ -14,6 +14,10 @@ list replaces transformers' default one, so ``lm_head`` is always listed again):
 - the vision tower (``nf4-bnb`` only): 4-bit vision encoders lose detail noticeably, while
   int8 per-channel weights are near-lossless, and the tower is a large share of a small VLM
   (36% of SmolVLM-256M), so int8 modes quantize it.
+- IDEFICS (v1) (every mode): the vision tower, the perceiver resampler and the gated
+  cross-attention blocks, where the images enter the language model. They are its
+  projector's counterpart, and a small share of the 9B/80B models (the LLaMA decoder, which is
+  quantized, holds most of the weights), so the vision tower is kept in int8 modes too.
 
 An unknown ``model_type`` gets transformers' default exclusions (the output embedding) and a
 warning. ``unavailable`` runs a tiny probe layer of the chosen mode on the chosen device, so a
@@ -39,6 +43,7 @@ PROJECTORS: dict[str, list[str]] = {
     "qwen2_vl": ["model.visual.merger"],
     "qwen2_5_vl": ["model.visual.merger"],
     "qwen3_vl": ["model.visual.merger", "model.visual.deepstack_merger_list"],
+    "idefics": ["model.vision_model", "model.perceiver_resampler", "model.gated_cross_attn_layers"],
 }
 VISION_TOWERS: dict[str, list[str]] = {
     "idefics3": ["model.vision_model"],
@@ -47,6 +52,7 @@ VISION_TOWERS: dict[str, list[str]] = {
     "qwen2_vl": ["model.visual"],
     "qwen2_5_vl": ["model.visual"],
     "qwen3_vl": ["model.visual"],
+    "idefics": ["model.vision_model"],
 }
 INSTALL = {
     "int8": "optimum-quanto (pip install 'vlmq[worker]' or optimum-quanto>=0.2.6)",
@@ -77,7 +83,7 @@ def excluded_modules(mode: str, model_type: str) -> list[str] | None:
         return None
     skip = HEAD + PROJECTORS[model_type]
     if mode == "nf4-bnb":
-        skip += VISION_TOWERS[model_type]
+        skip += [tower for tower in VISION_TOWERS[model_type] if tower not in skip]
     return skip
 
 

@@ -41,6 +41,7 @@ class HealthReporter:
     ready: bool = False  # Celery's worker_ready fired
     stopping: bool = False
     started_at: float = field(default_factory=time.time)
+    last: dict[str, Any] = field(default_factory=dict)  # the latest report (``/readyz``)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def snapshot(self) -> dict[str, Any]:
@@ -63,7 +64,7 @@ class HealthReporter:
     def report(self) -> dict[str, Any]:
         """Write the current state to the health file and the Redis key; never raises."""
         with self._lock:
-            state = self.snapshot()
+            state = self.last = self.snapshot()
             body = json.dumps(state)
             with contextlib.suppress(OSError):
                 _write_atomic(self.path, body)
@@ -139,6 +140,14 @@ def check_one(path: str, max_age: float | None = None,
         return False, {"problems": [f"cannot read the health file {path}: {error}"]}
     if not isinstance(state, dict):
         return False, {"problems": [f"the health file {path} does not hold a JSON object"]}
+    return verdict(state, max_age, now)
+
+
+def verdict(state: dict[str, Any], max_age: float | None = None,
+            now: float | None = None) -> tuple[bool, dict[str, Any]]:
+    """(ready, report) for one health report: the checks of ``vlmq-worker health`` and of the
+    ``/readyz`` probe."""
+    now = time.time() if now is None else now
     limit = max_age if max_age is not None else max(30.0, 3 * float(state.get("interval_s", 10)))
     age = now - float(state.get("ts", 0))
     problems = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import logging
 import sys
 import threading
@@ -29,7 +28,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from producer import keys
 from worker.engine.work import Outcome, Work
 
 log = logging.getLogger("vlmq.metrics")
@@ -119,51 +117,27 @@ class Metrics:
     def job_ended(self, status: str, code: str | None = None) -> None:
         self.jobs.labels(status=status, code=code or "none").inc()
 
-    def job_finished(self, work: Work, outcome: Outcome, peers: list[Work],
-                     redis_client: Any) -> None:
-        """Timings of a job that generated (whatever its final status); ``peers`` are the jobs
-        in hand, ``redis_client`` reads the job's first streamed event."""
+    def job_finished(self, work: Work, outcome: Outcome) -> None:
+        """Timings of a job that generated (whatever its final status), from its Outcome and
+        what the engine recorded on its Work (first token time, batch size)."""
         timings = outcome.timings
         self.queue_wait.observe(max(0.0, timings.queued_ms / 1000))
         self.latency.observe(max(0.0, timings.total_ms / 1000))
-        first = first_token_at(work, redis_client)
-        if first and work.created_at:
-            self.ttft.observe(max(0.0, first - work.created_at))
+        if work.first_token_at and work.created_at:
+            self.ttft.observe(max(0.0, work.first_token_at - work.created_at))
         tokens = outcome.usage.completion_tokens
         if tokens and timings.generate_ms > 0:
             self.tokens_per_s.observe(tokens / (timings.generate_ms / 1000))
         with self._lock:
             self._images += len(work.request.image_sources())
-        self._observe_batch(work, peers)
+        self._observe_batch(work)
 
-    def _observe_batch(self, work: Work, peers: list[Work]) -> None:
-        """Once per batch: the rows of one batch share ``gen_started``; the first of them to
-        finish still sees every row in hand (an engine-set ``batch_size`` wins if present)."""
-        if not work.gen_started:
+    def _observe_batch(self, work: Work) -> None:
+        """Once per batch: the rows of one batch share ``gen_started``."""
+        if not work.gen_started or not work.batch_size:
             return
-        size = int(getattr(work, "batch_size", 0) or 0) or sum(
-            1 for peer in peers if peer.gen_started == work.gen_started)
         with self._lock:
             if work.gen_started in self._seen_batches:
                 return
             self._seen_batches.append(work.gen_started)
-        self.batch_size.observe(max(1, size))
-
-
-def first_token_at(work: Work, redis_client: Any) -> float | None:
-    """When the job's first token was streamed: an engine-set ``first_token_at`` on the Work
-    if present, else the ``ts`` of the first event of its stream (when that is a delta)."""
-    found = getattr(work, "first_token_at", None)
-    if isinstance(found, float) and found:
-        return found
-    try:
-        entries = redis_client.xrange(keys.stream_key(work.job_id), count=1)
-    except Exception:  # metrics never fail a job
-        return None
-    if not entries:
-        return None
-    try:
-        event = json.loads(entries[0][1][b"data"])
-    except (KeyError, ValueError, TypeError):
-        return None
-    return float(event["ts"]) if event.get("type") == "delta" else None
+        self.batch_size.observe(work.batch_size)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from demo.servers import GatewayProcess, ImageServer, RedisServer, WorkerProcess
+from tests.servers import GatewayProcess, ImageServer, RedisServer, WorkerProcess
 
 MODEL = "tiny-idefics3"
 

@@ -1,5 +1,5 @@
-"""Real parts for the demo and the tests: a redis-server on a free port, a loopback image server,
-and vlmq-worker processes. No fakes."""
+"""The process harness: real parts for the tests (and ``make demo``, ``make bench``): a
+redis-server on a free port, a loopback image server, and vlmq-worker processes. No fakes."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import redis
+
+from tests.waiting import NeverHappened, eventually
 
 
 def free_port() -> int:
@@ -110,15 +111,20 @@ class RedisServer:
              "--dir", self.dir, *args, *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, password=self.password)
-        for _ in range(200):
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode} at start")
             try:
-                client.ping()
-                return
+                return bool(client.ping())
             except redis.ConnectionError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+                return False
+
+        try:
+            eventually(answers, timeout=10, interval=0.05, what="redis-server answers")
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -222,27 +228,47 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def ready(self) -> bool:
+        """Whether the worker says it is ready; raises if it exited instead."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-4000:]}")
+        return "vlmq-worker: ready" in self.log()
+
     def wait_ready(self, timeout: float = 180) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-4000:]}")
-            if "vlmq-worker: ready" in self.log():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"worker {self.name} not ready in {timeout}s:\n{self.log()[-4000:]}")
+        try:
+            eventually(self.ready, timeout=timeout, interval=0.1)
+        except NeverHappened:
+            raise RuntimeError(f"worker {self.name} not ready in {timeout}s:\n"
+                               f"{self.log()[-4000:]}") from None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @staticmethod
+    def stop_all(workers: Iterable[WorkerProcess], sig: int = signal.SIGTERM,
+                 timeout: float = 30) -> None:
+        """``stop`` several at once: every one is signalled before any is awaited."""
+        workers = list(workers)
+        for worker in workers:
+            worker.signal(sig)
+        for worker in workers:
+            worker.reap(timeout)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        self.signal(sig)
+        self.reap(timeout)
+
+    def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+
+    def reap(self, timeout: float) -> None:
+        """Wait for the process to exit (SIGKILL after ``timeout``); close its log."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
         self._log.close()
 
 
@@ -263,20 +289,23 @@ class GatewayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def ready(self) -> bool:
+        """/healthz answers 200; raises if the process has exited."""
         import urllib.request
 
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited:\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.log()[-4000:]}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{self.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        try:
+            eventually(self.ready, timeout=timeout, interval=0.1)
+        except NeverHappened:
+            raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.log()[-4000:]}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
