@@ -20,7 +20,6 @@ from gateway.quotas import Quotas
 from gateway.settings import GatewaySettings
 from producer import InvalidRequestError, JobRequest
 from producer.aio import AsyncProducer
-from producer.schema import DEFAULT_LIMITS
 
 
 @dataclass
@@ -61,7 +60,7 @@ class Gateway:
             raise ApiError(400, "a job request must be a JSON object", code="invalid_request",
                            param=prefix.rstrip(".") or None)
         try:
-            return JobRequest.model_validate(data, context={"limits": DEFAULT_LIMITS})
+            return JobRequest.model_validate(data, context={"limits": self.producer.limits})
         except ValidationError as error:
             raise invalid(InvalidRequestError.from_validation(error), prefix) from None
 
