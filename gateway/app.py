@@ -8,6 +8,8 @@ be bypassed; Starlette is the well-kept ASGI toolkit FastAPI is built on, with l
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import jobs_api, openai_api
+from gateway import jobs_api, openai_api, presence
 from gateway.errors import ApiError, invalid, not_found
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.service import Gateway
@@ -139,7 +141,11 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Sta
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        announcing = asyncio.create_task(presence.announce(gw.redis, settings))
         yield
+        announcing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await announcing
         await gw.close()
 
     middleware = [Middleware(MetricsMiddleware, metrics=gw.metrics)]

@@ -3,6 +3,7 @@
     vlmq-gateway serve [--host 127.0.0.1] [--port 8000] [limits...]
     vlmq-gateway keys create NAME [--requests-per-minute N] [--concurrent-jobs N]
     vlmq-gateway keys list | keys revoke NAME
+    vlmq-gateway stats      # live gateways and their limits, queue depths, oldest queued job
 
 (The key commands live here, not in ``vlmq``, so that the producer never depends on the
 gateway.) Bound to a non-loopback address with no API key created, ``serve`` refuses to start
@@ -19,6 +20,7 @@ import sys
 
 import redis
 
+from gateway import presence
 from gateway.auth import KeyAdmin
 from gateway.settings import GatewaySettings, is_loopback
 from producer import keys
@@ -65,6 +67,8 @@ def _parser(env: dict[str, str]) -> argparse.ArgumentParser:
                        help="allow this browser origin (repeatable); CORS is off without it")
     serve.add_argument("--log-level", default="info",
                        help="one line per request at info, with its tenant (default info)")
+    sub.add_parser("stats", help="live gateways and their limits, with the queues' depths and "
+                   "oldest queued job (the producer's stats) as JSON")
     key_cmd = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action",
                                                                             required=True)
     create = key_cmd.add_parser("create", help="create a key; prints it once")
@@ -126,11 +130,24 @@ def _serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    from producer import Producer
+
+    with Producer(args.redis_url, broker_url=args.broker_url) as producer:
+        found = producer.stats()
+    print(json.dumps({"gateways": presence.live(redis.Redis.from_url(args.redis_url)), **found},
+                     indent=2))
+    return 0
+
+
+COMMANDS = {"keys": _keys, "stats": _stats}
+
+
 def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     args = _parser(env).parse_args(argv)
     try:
-        code = _keys(args) if args.command == "keys" else _serve(args, env)
+        code = COMMANDS[args.command](args) if args.command in COMMANDS else _serve(args, env)
     except redis.RedisError as error:
         print(f"vlmq-gateway: Redis: {error}", file=sys.stderr)
         code = 5

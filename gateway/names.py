@@ -38,3 +38,11 @@ def recent_key(tenant: str) -> str:
 def owner_key(job_id: str) -> str:
     """STRING: the tenant that submitted this job through a gateway."""
     return f"{PREFIX}:owner:{job_id}"
+
+
+def instance_key(instance_id: str) -> str:
+    """STRING (JSON, TTL of three beats): a live gateway's address and limits."""
+    return f"{PREFIX}:instance:{instance_id}"
+
+
+INSTANCE_PATTERN = f"{PREFIX}:instance:*"

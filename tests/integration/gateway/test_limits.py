@@ -165,6 +165,20 @@ def test_a_stale_queue_turns_new_jobs_away(own_redis: RedisServer, keys: dict[st
         gateway.stop()
 
 
+def test_stats_show_both_gateways_limits_and_the_queue_depth(
+        pair: list[GatewayProcess], own_redis: RedisServer) -> None:
+    with Producer(own_redis.url) as producer:
+        for _ in range(2):
+            producer.submit(prompt="counted", model="m-stats")
+    done = subprocess.run([sys.executable, "-m", "gateway", "--redis-url", own_redis.url,
+                           "stats"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert len(found["gateways"]) == 2
+    assert {g["limits"]["max_queue_depth"] for g in found["gateways"]} == {DEPTH}
+    assert found["queues"]["vlmq.m-stats"] == 2 and found["oldest_queued"] is not None
+
+
 def test_not_ready_without_a_worker_but_alive(pair: list[GatewayProcess]) -> None:
     assert httpx.get(f"{pair[0].url}/healthz").status_code == 200
     ready = httpx.get(f"{pair[0].url}/readyz")
