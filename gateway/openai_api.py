@@ -9,6 +9,7 @@ cancelled the same way when its connection closes before the answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -21,7 +22,7 @@ from gateway import chat, sse
 from gateway.body import read_json
 from gateway.errors import ApiError, job_failed
 from gateway.service import Gateway
-from producer import ErrorCode, ErrorInfo, JobFailed
+from producer import ErrorCode, ErrorInfo, JobFailed, JobNotFound
 
 KEEP_RUNNING = "x-vlmq-keep-running"
 
@@ -107,7 +108,7 @@ async def _events(gw: Gateway, job_id: str, created: int, model: str, include_us
 
 
 async def _cancel(gw: Gateway, job_id: str) -> None:
-    with anyio.CancelScope(shield=True):
+    with anyio.CancelScope(shield=True), contextlib.suppress(JobNotFound):  # (expired: gone)
         await gw.producer.cancel(job_id)
         gw.metrics.disconnect_cancels.inc()
 
