@@ -20,7 +20,7 @@ demo: venv
 	$(PY) -m demo
 
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-unit: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit

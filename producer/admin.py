@@ -34,10 +34,6 @@ class AdminCore:
         self.ledger = ledger
         self.broker = broker
 
-    @staticmethod
-    def not_found(job_id: str) -> JobNotFound:
-        return JobNotFound(job_id)
-
     def status(self, job_id: str) -> Op[JobState]:
         state = yield from records.state(job_id)
         if state is None:

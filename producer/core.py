@@ -19,9 +19,15 @@ from pydantic import ValidationError
 from producer import records
 from producer.admin import AdminCore
 from producer.broker import Broker, queue_for_model
-from producer.errors import InvalidRequestError, JobFailed, JobTimeout, ResultUnavailable
+from producer.errors import (
+    InvalidRequestError,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    ResultUnavailable,
+)
 from producer.records import LedgerConfig
-from producer.replies import CancelOutcome
+from producer.replies import CancelOutcome, parse_result, parse_state
 from producer.s3 import ResultReader
 from producer.schema import DEFAULT_LIMITS, JobRequest, JobResult, JobState, JobStatus, Limits
 from producer.steps import Blocking, Emit, Op
@@ -104,8 +110,8 @@ class ClientCore(AdminCore):
         FAILED job, and an EXPIRED one without a partial result."""
         yield from self.wait(job_id, timeout)
         raw = (yield from records.raw(job_id)) or {}
-        state = records.parse_state(raw)
-        found = records.parse_result(raw)
+        state = parse_state(raw)
+        found = parse_result(raw)
         if found is None and state.result_uri and state.status != JobStatus.FAILED:
             found = yield Blocking(functools.partial(self.s3.read, state.result_uri))
         if found is None or state.status == JobStatus.FAILED:
@@ -122,7 +128,7 @@ class ClientCore(AdminCore):
     def cancel(self, job_id: str) -> Op[str]:
         answer = yield from records.cancel(self.ledger, job_id)
         if answer.outcome is CancelOutcome.MISSING:
-            raise self.not_found(job_id)
+            raise JobNotFound(job_id)
         return answer.answer()
 
     def stream(self, job_id: str, after: int | None = None,
@@ -130,7 +136,7 @@ class ClientCore(AdminCore):
         """Emit the job's events from the start (or after seq ``after``), then live, until the
         terminal event; JobTimeout after ``timeout`` seconds without it."""
         if (yield from records.raw(job_id)) is None:
-            raise self.not_found(job_id)
+            raise JobNotFound(job_id)
         end = None if timeout is None else time.monotonic() + timeout
         last_id: Any = "0-0"
         while True:
@@ -143,4 +149,4 @@ class ClientCore(AdminCore):
             if end is not None and time.monotonic() > end:
                 raise JobTimeout(f"no terminal event for job {job_id} within {timeout}s")
             if not found and (yield from records.raw(job_id)) is None:
-                raise self.not_found(job_id)
+                raise JobNotFound(job_id)

@@ -27,10 +27,19 @@ from producer.records import (
     LedgerConfig,
     Row,
     new_record,
+)
+from producer.replies import (
+    Append,
+    Cancel,
+    Claim,
+    Commit,
+    Created,
+    Heartbeat,
+    Retry,
     parse_result,
     parse_state,
+    read_time,
 )
-from producer.replies import Cancel, Claim, Commit, Created, Heartbeat, Retry, read_time
 from producer.schema import JobRequest, JobState, StreamEvent
 from producer.steps import Op
 from producer.transport import connect, refused, run
@@ -76,7 +85,7 @@ class Ledger:
     def heartbeat(self, job_id: str, fence: int, lease_s: float) -> Heartbeat:
         return self.run(records.heartbeat(job_id, fence, lease_s))
 
-    def append(self, rows: list[Row]) -> list[int]:
+    def append(self, rows: list[Row]) -> list[Append]:
         """For each (job_id, fence, seq, event JSON or '', tokens) row, append and publish the
         event, in ONE pipelined round trip. Per row: ``replies.Append`` values."""
         return self.run(records.append(self.config, rows))

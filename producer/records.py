@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 from producer import keys, scripts
 from producer.events import event_body, new_events, parse_event
 from producer.replies import (
+    Append,
     Cancel,
     Claim,
     Commit,
     Created,
     Heartbeat,
     Retry,
-    read_time,
+    parse_state,
     text,
 )
 from producer.schema import (
@@ -31,7 +32,6 @@ from producer.schema import (
     EventType,
     FinishReason,
     JobRequest,
-    JobResult,
     JobState,
     JobStatus,
     StreamEvent,
@@ -92,14 +92,6 @@ def _decode(raw: dict[Any, Any]) -> dict[str, str]:
     return {text(k): text(v) for k, v in raw.items()}
 
 
-def _int(value: str | None) -> int:
-    """A counter field; garbage reads as 0 until a claim resets it and fails the job."""
-    try:
-        return int(value or "0")
-    except ValueError:
-        return 0
-
-
 # -- the record ----------------------------------------------------------------------------
 
 def new_record(job_id: str, request: JobRequest, queue: str, now: float,
@@ -114,27 +106,6 @@ def new_record(job_id: str, request: JobRequest, queue: str, now: float,
     if signer is not None:
         fields.update(signer.sign_record(job_id, queue, fields["request"]))
     return fields
-
-
-def parse_state(raw: dict[str, str]) -> JobState:
-    """Turn the record hash (decoded to str) into the public JobState."""
-    error = raw.get("error")
-    return JobState(
-        job_id=raw["id"], status=JobStatus(raw["status"]),
-        queue=raw.get("queue", keys.DEFAULT_QUEUE), model=raw.get("model") or None,
-        created_at=float(raw["created_at"]), started_at=read_time(raw.get("started_at")),
-        finished_at=read_time(raw.get("finished_at")),
-        deadline_at=read_time(raw.get("deadline_at")), attempts=_int(raw.get("attempts")),
-        worker=raw.get("worker") or None, cancel_requested=raw.get("cancel") == "1",
-        finish_reason=raw.get("finish_reason") or None,  # type: ignore[arg-type]
-        error=ErrorInfo.model_validate_json(error) if error else None,
-        result_uri=raw.get("result_uri") or None,
-    )
-
-
-def parse_result(raw: dict[str, str]) -> JobResult | None:
-    body = raw.get("result")
-    return JobResult.model_validate_json(body) if body else None
 
 
 def create(cfg: LedgerConfig, job_id: str, request: JobRequest, queue: str) -> Op[Created]:
@@ -196,7 +167,7 @@ def heartbeat(job_id: str, fence: int, lease_s: float) -> Op[Heartbeat]:
 Row = tuple[str, int, int, str, int]  # job id, fence, seq, event JSON or '', tokens
 
 
-def append(cfg: LedgerConfig, rows: list[Row]) -> Op[list[int]]:
+def append(cfg: LedgerConfig, rows: list[Row]) -> Op[list[Append]]:
     """Append and publish each row's event (none: a cancel check) in ONE round trip. Safe to
     send again: an event whose seq is already in the stream is skipped."""
     if not rows:
@@ -205,7 +176,7 @@ def append(cfg: LedgerConfig, rows: list[Row]) -> Op[list[int]]:
         Eval(scripts.APPEND, tuple(keys.job_keys(job_id)),
              (fence, seq, data, cfg.stream_maxlen, tokens))
         for job_id, fence, seq, data, tokens in rows))
-    return [int(reply) for reply in replies]
+    return [Append(int(reply)) for reply in replies]
 
 
 def finish(cfg: LedgerConfig, job_id: str, fence: int, ending: Ending) -> Op[Commit]:

@@ -1,4 +1,5 @@
-"""The ledger's typed answers: one enum (or dataclass) per script, parsed from its raw reply."""
+"""The ledger's typed answers: one enum (or dataclass) per script, parsed from its raw reply;
+and the record itself read as the public JobState / JobResult."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, NamedTuple
 
-from producer.answers import JobStatus
+from producer import keys
+from producer.answers import ErrorInfo, JobResult, JobState, JobStatus
 
 
 def text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def read_time(value: str | None) -> float | None:
@@ -25,6 +27,35 @@ def status_of(value: Any) -> JobStatus | None:
     """A status field; one written around the producer may be no status at all: None."""
     found = text(value)
     return JobStatus(found) if found in JobStatus.__members__ else None
+
+
+def _int(value: str | None) -> int:
+    """A counter field; garbage reads as 0 until a claim resets it and fails the job."""
+    try:
+        return int(value or "0")
+    except ValueError:
+        return 0
+
+
+def parse_state(raw: dict[str, str]) -> JobState:
+    """Turn the record hash (decoded to str) into the public JobState."""
+    error = raw.get("error")
+    return JobState(
+        job_id=raw["id"], status=JobStatus(raw["status"]),
+        queue=raw.get("queue", keys.DEFAULT_QUEUE), model=raw.get("model") or None,
+        created_at=float(raw["created_at"]), started_at=read_time(raw.get("started_at")),
+        finished_at=read_time(raw.get("finished_at")),
+        deadline_at=read_time(raw.get("deadline_at")), attempts=_int(raw.get("attempts")),
+        worker=raw.get("worker") or None, cancel_requested=raw.get("cancel") == "1",
+        finish_reason=raw.get("finish_reason") or None,  # type: ignore[arg-type]
+        error=ErrorInfo.model_validate_json(error) if error else None,
+        result_uri=raw.get("result_uri") or None,
+    )
+
+
+def parse_result(raw: dict[str, str]) -> JobResult | None:
+    body = raw.get("result")
+    return JobResult.model_validate_json(body) if body else None
 
 
 class Created(NamedTuple):

@@ -1,10 +1,11 @@
-"""Fixtures: a real redis-server, a loopback image server, tiny models, worker processes."""
+"""Fixtures: a real redis-server, a loopback image server, tiny models, worker processes, and
+the engine in the test process (``tiny_loaded`` models, loaded once per session; ``engine``)."""
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +33,11 @@ def make_image(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
     out = io.BytesIO()
     image.save(out, format=fmt)
     return out.getvalue()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if WorkerProcess.started:
+        terminalreporter.write_line(f"worker processes started: {WorkerProcess.started}")
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +103,42 @@ def any_producer(request: pytest.FixtureRequest, redis_server: RedisServer) -> I
         redis_server.url)
     with client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_paths: dict[str, str]) -> Callable[[str], Any]:
+    """``tiny_loaded(arch)``: that tiny model loaded as a worker loads it (``worker.model.load``,
+    on the CPU), once per session, shared by every in-process engine."""
+    import functools
+
+    from worker.model.load import load
+    from worker.settings import WorkerSettings
+
+    @functools.cache
+    def loaded(arch: str) -> Any:
+        return load(WorkerSettings(model=tiny_paths[arch], device="cpu"))
+
+    return loaded
+
+
+@pytest.fixture()
+def engine(tiny_loaded: Callable[[str], Any], tiny_paths: dict[str, str],
+           image_server: ImageServer) -> Iterator[Callable[..., Any]]:
+    """``engine(arch="qwen2_vl", **settings)``: an EngineHarness (tests/inprocess.py) over the
+    session's loaded model, fetching from the loopback image server; closed after the test."""
+    from tests.inprocess import EngineHarness
+    from worker.settings import WorkerSettings
+
+    built: list[EngineHarness] = []
+
+    def make(arch: str = "qwen2_vl", **settings: Any) -> EngineHarness:
+        options: dict[str, Any] = {"model": tiny_paths[arch], "model_name": f"tiny-{arch}",
+                                   "device": "cpu", "allow_private_addresses": True,
+                                   "allowed_ports": [80, 443, image_server.port]}
+        harness = EngineHarness(tiny_loaded(arch), WorkerSettings(**{**options, **settings}))
+        built.append(harness)
+        return harness
+
+    yield make
+    for harness in built:
+        harness.close()

@@ -36,8 +36,10 @@ def with_images(messages: list[dict[str, Any]], images: dict[str, bytes]) -> lis
     return out
 
 
-def oracle_text(path: str, messages: list[dict[str, Any]], max_new_tokens: int) -> str:
-    """The seeds' code: apply_chat_template, greedy generate, decode the new tokens."""
+def oracle_ids(path: str, messages: list[dict[str, Any]], max_new_tokens: int,
+               **generate: Any) -> list[int]:
+    """The seeds' code: apply_chat_template, generate (greedy unless ``generate`` says
+    otherwise), the new token ids."""
     import torch
 
     model, processor = _load(path)
@@ -45,8 +47,19 @@ def oracle_text(path: str, messages: list[dict[str, Any]], max_new_tokens: int) 
                                            return_dict=True, return_tensors="pt")
     input_len = len(inputs.input_ids[0])
     with torch.no_grad():
-        generated_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return str(processor.batch_decode(generated_ids[:, input_len:], skip_special_tokens=True)[0])
+        generated_ids = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                       **{"do_sample": False, **generate})
+    return [int(token) for token in generated_ids[0, input_len:]]
+
+
+def oracle_decode(path: str, ids: list[int]) -> str:
+    return str(_load(path)[1].decode(ids, skip_special_tokens=True))
+
+
+def oracle_text(path: str, messages: list[dict[str, Any]], max_new_tokens: int,
+                **generate: Any) -> str:
+    """The seeds' code: apply_chat_template, greedy generate, decode the new tokens."""
+    return oracle_decode(path, oracle_ids(path, messages, max_new_tokens, **generate))
 
 
 def _generate_new_text(model: Any, processor: Any, inputs: Any, **kwargs: Any) -> list[str]:

@@ -199,7 +199,10 @@ class ImageServer:
 
 
 class WorkerProcess:
-    """A real ``python -m worker`` process with its own log file."""
+    """A real ``python -m worker`` process with its own log file. ``started`` counts them (the
+    suite prints it: each costs seconds of imports and a model load)."""
+
+    started = 0
 
     def __init__(self, model: str, redis_url: str, *, name: str, image_port: int | None = None,
                  env: dict[str, str] | None = None, log_dir: str | None = None,
@@ -209,7 +212,8 @@ class WorkerProcess:
         full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                         VLMQ_MODEL=model, VLMQ_MODEL_NAME=name, VLMQ_REDIS_URL=redis_url,
                         VLMQ_DEVICE="cpu", VLMQ_QUEUE=f"q-{name}", VLMQ_LEASE_S="10",
-                        OMP_NUM_THREADS="1")
+                        # an idle worker waits all of it on SIGTERM (Celery soft shutdown)
+                        VLMQ_SOFT_SHUTDOWN_S="2", OMP_NUM_THREADS="1")
         if image_port is not None:
             full_env.update(VLMQ_ALLOW_PRIVATE_ADDRESSES="true",
                             VLMQ_ALLOWED_PORTS=f"80,443,{image_port}")
@@ -224,6 +228,7 @@ class WorkerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=full_env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
+        WorkerProcess.started += 1
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -3,9 +3,10 @@
 JSON only: a pickle, YAML or msgpack message is refused before its body is decoded and dropped
 (``worker.security``); with signing configured, only Celery ``auth`` messages are accepted.
 
-Pool: threads, concurrency = max_batch_size. The model lives once in this process and every
-task thread hands its job to the same engine and waits, so the engine sees up to
-max_batch_size requests at once to batch; processes would each need a copy of the model.
+Pool: threads, concurrency = max_batch_size (static scheduler) or twice that (continuous: up to
+max_batch_size jobs are claimed and prepared while the batch is full, and join it the step a
+row leaves). The model lives once in this process and every task thread hands its job to the
+same engine and waits; processes would each need a copy of the model.
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", help="ledger Redis (default redis://localhost:6379/0)")
     parser.add_argument("--broker-url", help="Celery broker, if not the ledger Redis")
     parser.add_argument("--max-batch-size", type=int, help="jobs in hand at once (default 8)")
+    parser.add_argument("--scheduler", choices=["static", "continuous"],
+                        help="continuous (default): jobs join and leave the running batch at "
+                             "every decode step; static: one generate per batch")
     parser.add_argument("--hostname", help="worker id shown in results (default vlmq@host:pid)")
     parser.add_argument("--log-level", help="DEBUG | INFO | WARNING (default INFO)")
     parser.add_argument("--check", action="store_true",
@@ -53,7 +56,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings | None:
     """The settings from the environment and the options; None after printing one line per
     bad value."""
     names = ("model", "device", "dtype", "queue", "redis_url", "broker_url", "max_batch_size",
-             "hostname", "log_level", "quantize", "attn", "gpus")
+             "hostname", "log_level", "quantize", "attn", "gpus", "scheduler")
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     try:
         return WorkerSettings(**overrides)

@@ -20,8 +20,8 @@ from producer.broker import broker_queue
 from producer.jobs import Ledger, connect
 from producer.keys import TASK_GENERATE
 from worker.app import create_app, queues_for
+from worker.engine.continuous import create_engine
 from worker.engine.publisher import Publisher
-from worker.engine.static import Engine
 from worker.media.loader import MediaLoader
 from worker.model.load import LoadedModel
 from worker.model.memory import RECYCLE_EXIT
@@ -37,13 +37,14 @@ from worker.settings import WorkerSettings
 from worker.tasks import Runtime, register
 
 log = logging.getLogger("vlmq.worker")
-# the threads that serving needs (engine loop, publisher, heartbeat): /livez fails without one
-SERVING_THREADS = ("vlmq-generate", "vlmq-publish", "vlmq-heartbeat")
 
 
-def _threads_alive() -> dict[str, bool]:
-    running = {thread.name for thread in threading.enumerate() if thread.is_alive()}
-    return {name: name in running for name in SERVING_THREADS}
+def _vlmq_threads() -> set[str]:
+    """The long-lived threads of this process (engine loop, publisher or streamer, heartbeat,
+    metrics); the prep pool's come and go."""
+    return {thread.name for thread in threading.enumerate()
+            if thread.is_alive() and thread.name.startswith("vlmq-")
+            and not thread.name.startswith("vlmq-prep")}
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Service:
     health: HealthReporter
     heartbeat: Heartbeat
     celery_worker: dict[str, Any]  # "worker": Celery's WorkController once ``run`` builds it
+    serving: set[str]  # the threads /livez checks
 
     @classmethod
     def build(cls, settings: WorkerSettings, loaded: LoadedModel) -> Service:
@@ -63,7 +65,7 @@ class Service:
         ledger = Ledger(client, retention_s=settings.retention_s,
                         stream_maxlen=settings.stream_maxlen)
         media = MediaLoader(settings)
-        engine = Engine(loaded, settings, media, Publisher(ledger))
+        engine = create_engine(loaded, settings, media, Publisher(ledger))
         metrics = Metrics()
         runtime = Runtime(settings=settings, ledger=ledger, engine=engine, worker_id=worker_id,
                           results=ResultStore(settings), metrics=metrics,
@@ -92,20 +94,26 @@ class Service:
             consumer=lambda: getattr(celery_worker.get("worker"), "consumer", None))
         heartbeat = Heartbeat(settings, interval, health,
                               [runtime.heartbeat_once, reconciler.maybe_sweep])
-        Probes(metrics.registry, health, _threads_alive).serve(settings.metrics_port,
-                                                               settings.metrics_addr)
-        return cls(settings, runtime, app, queues, health, heartbeat, celery_worker)
+        serving: set[str] = set()  # filled by ``run`` once every thread has started
+        Probes(metrics.registry, health,
+               lambda: {name: name in _vlmq_threads() for name in sorted(serving)}).serve(
+            settings.metrics_port, settings.metrics_addr)
+        return cls(settings, runtime, app, queues, health, heartbeat, celery_worker, serving)
 
     def run(self) -> int:
         """Consume until stopped; the exit code says whether to start a fresh process."""
         self.health.report()
         self.heartbeat.start()
+        self.serving.update(_vlmq_threads())
         worker_shutting_down.connect(self._shutting_down, weak=False)
         worker_ready.connect(self._ready, weak=False)
         settings = self.settings
+        # continuous: twice the rows in hand, so jobs are claimed and prepared while the batch
+        # is full and join it the step a row leaves (worker/app.py)
+        threads = settings.max_batch_size * (2 if settings.scheduler == "continuous" else 1)
         worker = self.app.Worker(
-            hostname=self.runtime.worker_id, pool="threads",
-            concurrency=settings.max_batch_size, queues=self.queues,
+            hostname=self.runtime.worker_id, pool="threads", concurrency=threads,
+            queues=self.queues,
             loglevel=settings.log_level.upper(), quiet=True, without_mingle=True,
             without_gossip=True)
         self.celery_worker["worker"] = worker

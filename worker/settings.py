@@ -53,14 +53,17 @@ class WorkerSettings(BaseSettings):
     max_gpu_reserved_mb: int = Field(0, ge=0)
 
     # generation and batching
+    scheduler: Literal["static", "continuous"] = "continuous"  # worker/engine/{static,continuous}
+    stream_interval_ms: float = Field(20.0, ge=1, le=10_000)  # continuous: stream events this often
     max_new_tokens_cap: int = Field(4096, ge=1)
     max_input_tokens: int = Field(16_384, ge=16)
     max_generate_s: float = Field(600.0, gt=0)
-    max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_ms: float = Field(2.0, ge=0)
+    max_batch_size: int = Field(8, ge=1, le=256)  # rows generating at once
+    batch_wait_ms: float = Field(2.0, ge=0)  # static: wait this long for more rows
     stream_events: bool = True  # off: no per-step events (cancel checks go on); benchmarks
-    max_batch_tokens: int = Field(65_536, ge=16)  # rows x longest prompt
-    max_batch_pixels: int = Field(64_000_000, ge=1024)  # image pixels in one batch
+    # static: rows x longest prompt; continuous: rows x cache length (padding included)
+    max_batch_tokens: int = Field(65_536, ge=16)
+    max_batch_pixels: int = Field(64_000_000, ge=1024)  # image pixels in one batch / prefill
     control_tokens: Literal["neutralise", "refuse"] = "neutralise"  # in request text
 
     # ledger and reliability

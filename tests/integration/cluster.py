@@ -46,6 +46,15 @@ class Cluster:
             worker.wait_ready()
         return worker
 
+    def ensure_workers(self, count: int) -> list[WorkerProcess]:
+        """At least ``count`` live workers, all ready: the ones still alive from earlier tests of
+        a shared cluster, and new ones for what is missing (started together, then awaited)."""
+        live = [worker for worker in self.workers if worker.alive()]
+        live += [self.start_worker(wait=False) for _ in range(count - len(live))]
+        for worker in live:
+            worker.wait_ready()
+        return live
+
     def holder(self, job_id: str) -> WorkerProcess:
         worker_id = self.producer.status(job_id).worker or ""
         pid = int(worker_id.rsplit(":", 1)[1])
@@ -86,8 +95,7 @@ def assert_once(cluster: Cluster, job_id: str, attempts: int | None = None) -> A
 def sigkill_mid_job_is_recovered(cluster: Cluster, tokens: int) -> None:
     """Two workers; the one running a long job is SIGKILLed mid-generation; the other
     completes it: one result, attempts 2, both attempts in the history."""
-    cluster.start_worker()
-    cluster.start_worker()
+    cluster.ensure_workers(2)
     job_id = cluster.submit(tokens)
     cluster.started(job_id)
     cluster.holder(job_id).stop(signal.SIGKILL)

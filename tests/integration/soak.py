@@ -122,8 +122,7 @@ def _settle(producer: Producer, job_id: str, timeout: float) -> None:
 
 def run_soak(cluster: Cluster, jobs: int, *, threads: int = 8, window: int = 4,
              kill_every: float = 3.0, tokens: int = 48, job_timeout: float = 120) -> Report:
-    cluster.start_worker()
-    cluster.start_worker()
+    cluster.ensure_workers(2)
     ids: list[str] = []
     kills: list[Kill] = []
     stop = threading.Event()

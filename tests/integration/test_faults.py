@@ -1,7 +1,10 @@
 """No job lost, none answered twice: real processes killed, stopped, cut off, restarted.
 
-Each test has its own redis-server (AOF, fsync always) and its own worker processes on a
-queue of its own, with short leases so that recovery takes seconds."""
+The module's cluster has its own redis-server (AOF, fsync always) and worker processes on a
+queue of its own, with short leases so that recovery takes seconds. Its tests share it: each
+starts from two live workers (``ensure_workers``: the survivors of the tests before, topped up),
+so a worker process is started only where a test killed one. A test that needs the queue with
+no worker consuming gets a cluster of its own."""
 
 from __future__ import annotations
 
@@ -18,12 +21,30 @@ from tests.integration.cluster import Cluster, assert_once, sigkill_mid_job_is_r
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
-LONG = 1200
+# tokens: a job still running when the test acts on it (after its first 3), which the worker
+# taking it over generates again in full; each of these tokens costs every such test once more
+LONG = 600
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_paths: dict[str, str], image_server: Any,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    built = Cluster(tiny_paths["qwen2_vl"], image_server, str(tmp_path_factory.mktemp("faults")))
+    yield built
+    built.close()
 
 
 @pytest.fixture()
-def cluster(tiny_paths: dict[str, str], image_server: Any,
-            tmp_path: Any) -> Iterator[Cluster]:
+def cluster(shared: Cluster) -> Cluster:
+    """The module's cluster with two live, ready workers."""
+    shared.ensure_workers(2)
+    return shared
+
+
+@pytest.fixture()
+def idle_cluster(tiny_paths: dict[str, str], image_server: Any,
+                 tmp_path: Any) -> Iterator[Cluster]:
+    """A cluster of the test's own, with no worker until the test starts one."""
     built = Cluster(tiny_paths["qwen2_vl"], image_server, str(tmp_path))
     yield built
     built.close()
@@ -34,19 +55,18 @@ def test_sigkill_mid_generation_is_completed_by_another_worker(cluster: Cluster)
 
 
 def test_poison_job_fails_worker_lost_and_the_others_succeed(cluster: Cluster) -> None:
+    replaced = {id(worker) for worker in cluster.workers if not worker.alive()}  # earlier tests'
+    lost_before = len(replaced)
     box: dict[str, str] = {}
 
     def kill_fetcher(_handler: Any) -> None:  # the poison: fetching its image kills the worker
         eventually(lambda: "id" in box, timeout=30, interval=0.01)
         cluster.holder(box["id"]).proc.kill()
 
-    cluster.start_worker()
-    cluster.start_worker()
     normal = [cluster.submit() for _ in range(10)]
     url = cluster.image_server.route(f"/poison-{cluster.name}.png", kill_fetcher)
     box["id"] = cluster.producer.submit(prompt="boom", images=[url], model=cluster.name)
     normal += [cluster.submit() for _ in range(10)]
-    replaced: set[int] = set()
 
     def poison_settled() -> bool:  # and each worker it killed replaced meanwhile
         for worker in list(cluster.workers):
@@ -58,15 +78,13 @@ def test_poison_job_fails_worker_lost_and_the_others_succeed(cluster: Cluster) -
     eventually(poison_settled, timeout=150, interval=0.3)
     state = cluster.producer.status(box["id"])
     assert state.status == "FAILED" and state.error and state.error.code == "WORKER_LOST"
-    assert state.attempts == 3 and len(replaced) == 3
+    assert state.attempts == 3 and len(replaced) - lost_before == 3
     for job_id in normal:
         assert_once(cluster, job_id)
 
 
 def test_sigterm_hands_the_job_back_quickly(cluster: Cluster) -> None:
-    cluster.start_worker()
-    cluster.start_worker()
-    job_id = cluster.submit(LONG * 3)
+    job_id = cluster.submit(LONG)
     cluster.started(job_id)
     holder = cluster.holder(job_id)
     started = time.monotonic()
@@ -79,8 +97,6 @@ def test_sigterm_hands_the_job_back_quickly(cluster: Cluster) -> None:
 
 
 def test_stale_worker_commit_is_refused_by_the_fence(cluster: Cluster) -> None:
-    cluster.start_worker()
-    cluster.start_worker()
     job_id = cluster.submit(LONG)
     cluster.started(job_id)
     stale = cluster.holder(job_id)
@@ -96,8 +112,6 @@ def test_stale_worker_commit_is_refused_by_the_fence(cluster: Cluster) -> None:
 
 
 def test_duplicate_delivery_of_a_running_job_is_dropped(cluster: Cluster) -> None:
-    cluster.start_worker()
-    cluster.start_worker()
     job_id = cluster.submit(LONG)
     cluster.started(job_id)
     cluster.producer.enqueue(job_id, f"vlmq.{cluster.name}")
@@ -106,8 +120,6 @@ def test_duplicate_delivery_of_a_running_job_is_dropped(cluster: Cluster) -> Non
 
 
 def test_redis_killed_and_restarted_with_aof_loses_nothing(cluster: Cluster) -> None:
-    cluster.start_worker()
-    cluster.start_worker()
     running = cluster.submit(LONG)
     cluster.started(running)
     backlog = [cluster.submit() for _ in range(50)]
@@ -120,7 +132,8 @@ def test_redis_killed_and_restarted_with_aof_loses_nothing(cluster: Cluster) -> 
         assert_once(cluster, job_id)
 
 
-def test_lost_broker_messages_are_sent_again_by_the_reconciler(cluster: Cluster) -> None:
+def test_lost_broker_messages_are_sent_again_by_the_reconciler(idle_cluster: Cluster) -> None:
+    cluster = idle_cluster
     jobs = [cluster.submit() for _ in range(30)]  # no worker yet: all wait in the queue
     queue = f"vlmq.{cluster.name}"
     client = redis.Redis.from_url(cluster.redis.url)
@@ -132,7 +145,6 @@ def test_lost_broker_messages_are_sent_again_by_the_reconciler(cluster: Cluster)
 
 
 def test_client_connections_killed_mid_job_lose_nothing(cluster: Cluster) -> None:
-    cluster.start_worker()
     job_id = cluster.submit(LONG)
     cluster.started(job_id)
     others = [cluster.submit() for _ in range(5)]

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from demo.servers import WorkerProcess
 
 from tests.integration.test_oracle import assert_complete_stream
 from tests.oracle import (
@@ -31,6 +30,7 @@ from tests.oracle import (
     oracle_text_int8,
     with_images,
 )
+from tests.servers import WorkerProcess
 
 pytestmark = pytest.mark.integration
 ARCHS = ("idefics", "llava", "idefics3", "qwen2_vl")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from producer import JobFailed, Producer
 from tests.servers import RedisServer, WorkerProcess
 from tests.waiting import eventually
+from worker.ops.health import check
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-qwen2_vl"
@@ -33,10 +35,16 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def health(health_file: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    """``vlmq-worker health`` in a process of its own: exit code and report."""
     env = dict(os.environ, VLMQ_HEALTH_FILE=health_file)
     done = subprocess.run([sys.executable, "-m", "worker", "health", *extra], env=env,
                           capture_output=True, text=True, timeout=60)
     return done.returncode, json.loads(done.stdout)
+
+
+def healthy(health_file: str) -> bool:
+    """The command's verdict without its process, for waiting on a change."""
+    return check(health_file)[0]
 
 
 def test_metrics_endpoint_counts_finished_jobs(producer: Producer, workers: Any,
@@ -69,8 +77,7 @@ def test_metrics_endpoint_counts_finished_jobs(producer: Producer, workers: Any,
 
 def test_health_of_a_consuming_worker(workers: Any) -> None:
     worker = workers["qwen2_vl"]
-    eventually(lambda: health(worker.health_file)[0] == 0, interval=0.5,
-               what="the worker reports healthy")
+    eventually(lambda: healthy(worker.health_file), what="the worker reports healthy")
     code, report = health(worker.health_file)
     assert report["healthy"] and report["consuming"] and report["problems"] == []
     assert report["model"] == MODEL and f"q-{MODEL}" in report["queues"]
@@ -94,15 +101,14 @@ def private_worker(tiny_paths: dict[str, str], image_server: Any,
         proc.wait_ready()
         yield server, url, proc
     finally:
-        proc.stop()
+        proc.stop(signal.SIGKILL)  # its Redis is gone: nothing to shut down cleanly
         server.stop()
 
 
 def test_json_logs_without_secrets_and_health_when_redis_goes(
         private_worker: Any, image_server: Any) -> None:
     server, url, proc = private_worker
-    eventually(lambda: health(proc.health_file)[0] == 0, interval=0.5,
-               what="the worker reports healthy")
+    eventually(lambda: healthy(proc.health_file), what="the worker reports healthy")
     payload = base64.b64encode(b"definitely not an image, but long enough " * 4).decode()
     with Producer(url) as producer:
         ok = producer.submit(prompt="What is it?", images=[image_server.url("/cats.png")],
@@ -131,8 +137,7 @@ def test_json_logs_without_secrets_and_health_when_redis_goes(
     assert probe(proc.metrics_port, "/nowhere")[0] == 404
 
     server.stop()  # Redis (ledger and broker) goes away: the worker cannot consume
-    eventually(lambda: health(proc.health_file)[0] == 1, interval=0.5,
-               what="the worker reports unhealthy")
+    eventually(lambda: not healthy(proc.health_file), what="the worker reports unhealthy")
     code, report = health(proc.health_file)
     assert "the broker does not answer" in report["problems"]
     assert report["consuming"] is False

@@ -85,7 +85,9 @@ def mixed_jobs(url: Any) -> list[tuple[list[dict[str, Any]], int]]:
     ]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# end to end for one architecture of each input layout (flattened patches, image stacks); every
+# architecture's batches are checked in the test process (test_engine.py), without Celery
+@pytest.mark.parametrize("arch", ["qwen2_vl", "idefics3"])
 def test_concurrent_mixed_jobs_match_their_oracle(arch: str, producer: Any, workers: Any,
                                                   image_server: Any,
                                                   tiny_paths: dict[str, str]) -> None:
@@ -102,3 +104,31 @@ def test_concurrent_mixed_jobs_match_their_oracle(arch: str, producer: Any, work
     sizes = [int(line.split("batch=")[1].split()[0])
              for line in workers[arch].log()[log_before:].splitlines() if "generate batch=" in line]
     assert max(sizes) > 1, f"{arch}: the eight jobs never shared a batch: {sizes}"
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_each_scheduler_matches_the_oracle_through_a_worker(
+        scheduler: str, producer: Any, redis_server: Any, image_server: Any,
+        tiny_paths: dict[str, str], tmp_path: Any) -> None:
+    """Mixed concurrent jobs through a worker process that runs the scheduler asked for."""
+    from demo.servers import WorkerProcess
+
+    arch = "idefics3"
+    name = f"tiny-{arch}-{scheduler}"
+    worker = WorkerProcess(tiny_paths[arch], redis_server.url, name=name,
+                           image_port=image_server.port, log_dir=str(tmp_path),
+                           env={"VLMQ_SCHEDULER": scheduler, "VLMQ_BATCH_WAIT_MS": "30"})
+    try:
+        worker.wait_ready()
+        served = {image_server.url(p): body for p, (_s, body, _c) in image_server.files.items()}
+        jobs = [(producer.submit(messages, model=name, max_new_tokens=n), messages, n)
+                for messages, n in mixed_jobs(image_server.url)]
+        for job_id, messages, n in jobs:
+            result = producer.result(job_id, timeout=120)
+            expected = oracle_text(tiny_paths[arch], with_images(messages, served), n)
+            assert result.text == expected, f"{scheduler}: job of {n} tokens differs"
+            assert_complete_stream(list(producer.stream(job_id, timeout=30)), result.text)
+        log = worker.log()
+        assert ("joined=" in log) == (scheduler == "continuous")  # the engine asked for ran
+    finally:
+        worker.stop()

@@ -8,8 +8,10 @@ weight must shrink from ``out*in*esize`` bytes to ``out*in`` int8 bytes plus its
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
@@ -141,7 +143,7 @@ def test_check_reports_what_it_loaded(tiny_paths: dict[str, str]) -> None:
     assert report["load_s"] > 0 and report["tokens_per_s"] > 0 and report["rss_mb"] > 0
 
 
-@pytest.mark.parametrize("case,args,hide,needles", [
+REFUSALS = [
     ("flash-attn missing", ["--attn", "flash_attention_2"], None,
      ["flash_attention_2", "flash-attn is not installed"]),
     ("bitsandbytes cannot run nf4", ["--quantize", "nf4-bnb"], "bitsandbytes",
@@ -152,23 +154,66 @@ def test_check_reports_what_it_loaded(tiny_paths: dict[str, str]) -> None:
      ["/nonexistent/vlm", "no such directory"]),
     ("unknown hub id offline", ["--model", "no-such-org/no-such-vlm"], None,
      ["cannot load model 'no-such-org/no-such-vlm'"]),
-])
+]
+
+
+@pytest.fixture()
+def worker_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+                ) -> Iterator[Callable[..., tuple[int, str, str]]]:
+    """``vlmq-worker ARGS`` in this process (``worker.cli.main``): exit code, stdout, stderr;
+    ``hide`` makes a module unimportable (as if it were not installed). The root logger the
+    worker's log setup takes over is given back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def run(*args: str, hide: str | None = None) -> tuple[int, str, str]:
+        from worker.cli import main
+
+        if hide:
+            monkeypatch.setitem(sys.modules, hide, None)
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def assert_refused(case: str, code: int, out: str, err: str, needles: list[str]) -> None:
+    assert code == 2, f"{case}: {code}\n{err[-2000:]}"
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert "vlmq-worker: cannot start:" in err, case
+    for needle in needles:
+        assert needle in err, f"{case}: {needle!r} not in {last!r}"
+    assert out == ""
+
+
+@pytest.mark.parametrize("case,args,hide,needles", REFUSALS)
 def test_startup_refusals_exit_2_with_the_reason(tiny_paths: dict[str, str], case: str,
                                                  args: list[str], hide: str | None,
-                                                 needles: list[str]) -> None:
+                                                 needles: list[str], worker_main: Any) -> None:
     base = [] if "--model" in args else ["--model", tiny_paths["qwen2_vl"]]
-    done = run_check(*base, *args, hide=hide)
-    assert done.returncode == 2, f"{case}: {done.returncode}\n{done.stderr[-2000:]}"
-    last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
-    assert "vlmq-worker: cannot start:" in done.stderr, case
-    for needle in needles:
-        assert needle in done.stderr, f"{case}: {needle!r} not in {last!r}"
-    assert done.stdout == ""
+    code, out, err = worker_main("--check", "--device", "cpu", *base, *args, hide=hide)
+    assert_refused(case, code, out, err, needles)
+
+
+def test_a_worker_process_refused_at_start_exits_2_with_the_reason(
+        tiny_paths: dict[str, str]) -> None:
+    """The refusals above, end to end once: ``python -m worker`` in a process of its own, with a
+    module that cannot be imported there."""
+    case, args, hide, needles = REFUSALS[2]
+    done = run_check("--model", tiny_paths["qwen2_vl"], *args, hide=hide)
+    assert_refused(case, done.returncode, done.stdout, done.stderr, needles)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA GPU")
-def test_cuda_device_without_a_gpu_is_refused(tiny_paths: dict[str, str]) -> None:
-    done = subprocess.run([sys.executable, "-m", "worker", "--check", "--model",
-                           tiny_paths["qwen2_vl"], "--device", "cuda:0"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "no CUDA GPU is available" in done.stderr
+def test_cuda_device_without_a_gpu_is_refused(tiny_paths: dict[str, str],
+                                              worker_main: Any) -> None:
+    code, _out, err = worker_main("--check", "--model", tiny_paths["qwen2_vl"], "--device",
+                                  "cuda:0")
+    assert code == 2 and "no CUDA GPU is available" in err

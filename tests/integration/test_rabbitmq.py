@@ -22,7 +22,9 @@ from tests.integration.cluster import (
 from tests.integration.soak import SOAK_JOBS, check_soak, run_soak
 
 pytestmark = pytest.mark.integration
-LONG = 1200
+# tokens: a job still running when the test acts on it (after its first 3), which the worker
+# taking it over generates again in full; each of these tokens costs every such test once more
+LONG = 600
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,21 @@ def rabbitmq() -> str:
     return amqp_url()  # skips (fails under CI=true) before any other fixture is built
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def cluster(rabbitmq: str, tiny_paths: dict[str, str], image_server: Any,
-            tmp_path: Any) -> Iterator[Cluster]:
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Shared by the module's tests: each asks for the live workers it needs
+    (``ensure_workers``), so a worker process is started only where a test killed one."""
+    built = Cluster(tiny_paths["qwen2_vl"], image_server, str(tmp_path_factory.mktemp("amqp")),
+                    broker_url=rabbitmq, fsync="everysec")
+    yield built
+    built.close()
+
+
+@pytest.fixture()
+def idle_cluster(rabbitmq: str, tiny_paths: dict[str, str], image_server: Any,
+                 tmp_path: Any) -> Iterator[Cluster]:
+    """A cluster of the test's own, with no worker until the test starts one."""
     built = Cluster(tiny_paths["qwen2_vl"], image_server, str(tmp_path), broker_url=rabbitmq,
                     fsync="everysec")
     yield built
@@ -45,7 +59,7 @@ def _declare_classic(url: str, queue: str) -> None:
 
 
 def test_job_end_to_end_over_rabbitmq(cluster: Cluster) -> None:
-    worker = cluster.start_worker()
+    worker = cluster.ensure_workers(1)[0]
     job_id = cluster.submit()
     assert_once(cluster, job_id, attempts=1)
     assert "Connected to amqp://" in worker.log()
@@ -61,7 +75,8 @@ def test_sigkill_mid_job_is_recovered_over_rabbitmq(cluster: Cluster) -> None:
     sigkill_mid_job_is_recovered(cluster, LONG)
 
 
-def test_purged_rabbitmq_queue_is_sent_again_by_the_reconciler(cluster: Cluster) -> None:
+def test_purged_rabbitmq_queue_is_sent_again_by_the_reconciler(idle_cluster: Cluster) -> None:
+    cluster = idle_cluster
     jobs = [cluster.submit() for _ in range(20)]  # no worker yet: all wait in the queue
     assert cluster.broker_url
     with Connection(cluster.broker_url) as conn:

@@ -24,6 +24,7 @@ import redis
 from producer import JobFailed, Producer
 from producer.keys import job_key
 from tests.certs import identity, redis_tls
+from tests.integration.blocking_async import BlockingAsyncProducer
 from tests.servers import RedisServer, WorkerProcess, redis_tls_missing
 
 pytestmark = pytest.mark.integration
@@ -165,6 +166,11 @@ def test_wrong_or_missing_credentials_fail_clearly(secure: Secure, who: str) -> 
         producer.submit(prompt="hi", images=[secure.image], model=MODEL)
     assert time.monotonic() - started < 15
     assert "auth" in (str(caught.value) + type(caught.value).__name__).lower()
+    started = time.monotonic()  # the async producer fails the same way
+    with BlockingAsyncProducer(url, security_key=secure.key, security_certificate=secure.cert
+                               ) as aproducer, pytest.raises(redis.AuthenticationError):
+        aproducer.submit(prompt="hi", images=[secure.image], model=MODEL)
+    assert time.monotonic() - started < 15
     done = vlmq("--redis-url", url, "stats")
     assert done.returncode == 5
     assert "authentication failed" in done.stderr, done.stderr

@@ -157,3 +157,19 @@ def test_metrics_batch_once_per_batch_and_first_token() -> None:
     assert value("vlmq_time_to_first_token_seconds_count") == 3
     metrics.job_ended("FAILED", "IMAGE_NOT_FOUND")
     assert value("vlmq_jobs_total", {"status": "FAILED", "code": "IMAGE_NOT_FOUND"}) == 1
+
+
+def test_quarantine_lets_a_retry_in_only_alone() -> None:
+    from worker.ops.quarantine import Quarantine
+
+    gate = Quarantine()
+    assert gate.enter(alone=False) and gate.enter(alone=False)  # ordinary jobs share it
+    assert not gate.enter(alone=True)  # a retry waits for the jobs in hand
+    gate.leave(alone=False)
+    gate.leave(alone=False)
+    assert gate.enter(alone=True)
+    assert not gate.enter(alone=False) and not gate.enter(alone=True)  # nothing beside it
+    gate.leave(alone=True)
+    with gate.hold(alone=False):
+        assert not gate.enter(alone=True)
+    assert gate.enter(alone=True)

@@ -56,3 +56,45 @@ def test_already_sent_text_is_not_sent_again() -> None:
     asm = TextAssembler(byte_decode, already_sent="abc")
     deltas = [asm.push([b]) for b in b"abcdef"] + [asm.finish()]
     assert "".join(deltas) == "def"
+
+
+def test_long_rows_decode_only_their_tail_and_give_the_full_text() -> None:
+    text = ("naïve 日本 🐝 words and more words. " * 40)
+    lengths: list[int] = []
+
+    def counting(ids: Sequence[int]) -> str:
+        lengths.append(len(ids))
+        return byte_decode(ids)
+
+    asm = TextAssembler(counting)
+    pushes, data = [], text.encode()
+    for n in range(len(data)):
+        pushes.append(asm.push(data[n:n + 1]))
+        assert asm.text == byte_decode(data[:n + 1])  # the same as decoding it all
+    lengths_while_pushing = list(lengths)
+    deltas = [*pushes, asm.finish()]
+    assert "".join(deltas) == asm.text == text
+    assert len(text.encode()) > 10 * 64
+    assert max(lengths_while_pushing) <= 2 * 64  # never the whole row while it grows
+
+
+def test_a_decoder_that_is_not_additive_keeps_decoding_whole() -> None:
+    def leading_space_stripped(ids: Sequence[int]) -> str:  # like a sentencepiece decode
+        return byte_decode(ids).removeprefix(" ")
+
+    text = " a sentence that goes on " * 20
+    asm = TextAssembler(leading_space_stripped)
+    deltas = [asm.push([b]) for b in text.encode()] + [asm.finish()]
+    assert "".join(deltas) == asm.text == text.removeprefix(" ")
+
+
+def test_clean_up_across_a_fixed_boundary_matches_the_full_decode() -> None:
+    pieces = {1: "word", 2: " ", 3: ".", 4: " next"}
+
+    def decode(ids: Sequence[int]) -> str:
+        return "".join(pieces[i] for i in ids).replace(" .", ".")
+
+    ids = [1, 2, 4, 2, 3, 4, 2, 2, 3, 1] * 30
+    asm = TextAssembler(decode)
+    deltas = [asm.push([i]) for i in ids] + [asm.finish()]
+    assert "".join(deltas) == asm.text == decode(ids)

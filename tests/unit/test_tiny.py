@@ -69,9 +69,9 @@ def _generate(processor: Any, model: Any, conversation: Any, **kwargs: Any) -> l
 
 
 @pytest.fixture(scope="module", params=CHAT_ARCHS)
-def loaded(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
+def loaded(request: Any) -> tuple[str, Any, Any]:
     arch = request.param
-    path = build(arch, tmp_path_factory.mktemp(arch))
+    path = tiny_model_path(arch)  # built once per machine (test_builds_* check building)
     processor = transformers.AutoProcessor.from_pretrained(path)
     model = transformers.AutoModelForImageTextToText.from_pretrained(path)
     return arch, processor, model

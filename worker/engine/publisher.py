@@ -13,6 +13,7 @@ import threading
 import time
 
 from producer.jobs import Ledger
+from producer.replies import Append
 from worker.engine.work import Work
 
 log = logging.getLogger("vlmq.publisher")
@@ -36,7 +37,7 @@ class Publisher:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-    def _append_until_sent(self, rows: list[Row]) -> list[int]:
+    def _append_until_sent(self, rows: list[Row]) -> list[Append]:
         """Redis away: keep trying (appends are idempotent), so no event is lost or reordered;
         generation goes on meanwhile and the queue catches up when Redis is back."""
         delay = 0.05
@@ -72,7 +73,7 @@ class Publisher:
             rows, finished, closing = self._take_waiting()
             answers = self._append_until_sent([row for _work, row in rows])
             for (work, _row), answer in zip(rows, answers, strict=True):
-                if answer in (0, 2):  # 0: someone else owns the job now; 2: cancel asked
+                if answer != Append.KEPT:  # someone else owns the job now, or cancel asked
                     work.cancel.set()
             for work in finished:
                 if not work.future.done():

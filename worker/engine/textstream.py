@@ -5,6 +5,13 @@ is released: text ending in an incomplete UTF-8 sequence (U+FFFD), trailing whit
 tokenizer's clean-up may still merge it with the next token) and any suffix that could begin a
 stop string are held back. A stop string ends the row; it and what follows are never sent.
 Concatenating every delta therefore gives exactly the final text.
+
+Long rows are not decoded in full at every push: once the undecoded tail passes ``WINDOW``
+tokens, its head (all but the last ``KEEP`` tokens) is fixed if decoding head and rest apart
+gives the same text as decoding them together (a token boundary that no multi-byte character,
+clean-up or leading-space rule crosses); later pushes decode only from there. Where a
+boundary does not check out the tail stays whole (as before) and the next try comes a
+``WINDOW`` later. ``finish`` decodes every id once and keeps that text.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 Decode = Callable[[Sequence[int]], str]
+WINDOW, KEEP = 64, 8
 
 
 class TextAssembler:
@@ -22,6 +30,25 @@ class TextAssembler:
         self.text = ""
         self.sent = already_sent  # text already streamed (by an earlier attempt, say)
         self.stopped = False
+        self._fixed = 0  # ids whose text is fixed...
+        self._fixed_text = ""  # ...and that text
+        self._next_try = WINDOW  # tail length at which to try fixing a head again
+
+    def _decode_ids(self) -> str:
+        """The text of every id, decoding only the tail past the fixed head."""
+        tail = self.ids[self._fixed:]
+        whole = self._decode(tail)
+        if len(tail) >= self._next_try:
+            cut = len(tail) - KEEP
+            head, rest = self._decode(tail[:cut]), self._decode(tail[cut:])
+            if head + rest == whole and not head.endswith("\ufffd"):
+                self._fixed += cut
+                self._fixed_text += head
+                self._next_try = WINDOW
+                return self._fixed_text + rest
+            else:
+                self._next_try = len(tail) + WINDOW
+        return self._fixed_text + whole
 
     def _cut_at_stop(self, text: str) -> str:
         cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
@@ -46,12 +73,14 @@ class TextAssembler:
     def push(self, token_ids: Sequence[int]) -> str:
         """Add this step's new token ids; return the delta that is now safe to send."""
         self.ids.extend(token_ids)
-        self.text = self._cut_at_stop(self._decode(self.ids))
+        self.text = self._cut_at_stop(self._decode_ids())
         end = len(self.text) if self.stopped else self._stable_end(self.text)
         return self._release(end)
 
     def finish(self) -> str:
         """The row is done: release everything still held back."""
+        if self.ids:
+            self.text = self._cut_at_stop(self._decode(self.ids))
         return self._release(len(self.text))
 
     def _release(self, end: int) -> str:

@@ -5,10 +5,13 @@ status and error code; finished jobs feed the latency histograms from their Outc
 
 - ``vlmq_jobs_total{status,code}``: jobs ended by this worker (code ``none`` unless FAILED)
 - ``vlmq_queue_wait_seconds``: submission to claim
-- ``vlmq_time_to_first_token_seconds``: submission to the first streamed token
+- ``vlmq_time_to_first_token_seconds``: submission to the first generated token
 - ``vlmq_job_latency_seconds``: submission to the end of generation
 - ``vlmq_generation_tokens_per_second``: completion tokens / generation time, per job
 - ``vlmq_batch_size``: rows in each generation batch (observed once per batch)
+
+What a job's Work carries is all they read (the engine records its first-token time and batch
+size there); metrics never read Redis.
 - ``vlmq_images_fetched_total``, ``vlmq_image_cache_hits_total``: from the media loader
 - ``vlmq_model_weight_bytes``, ``vlmq_gpu_memory_allocated_bytes``,
   ``vlmq_gpu_memory_reserved_bytes``, ``vlmq_jobs_in_hand``
@@ -73,7 +76,7 @@ class Metrics:
         self.queue_wait = Histogram("vlmq_queue_wait_seconds", "Submission to claim",
                                     buckets=_SECONDS, registry=r)
         self.ttft = Histogram("vlmq_time_to_first_token_seconds",
-                              "Submission to the first streamed token", buckets=_SECONDS,
+                              "Submission to the first generated token", buckets=_SECONDS,
                               registry=r)
         self.latency = Histogram("vlmq_job_latency_seconds", "Submission to end of generation",
                                  buckets=_SECONDS, registry=r)
