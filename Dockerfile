@@ -1,4 +1,5 @@
-# vlmq GPU worker image: one process, one loaded model, one GPU.
+# vlmq GPU worker image: one process, one loaded model, one GPU. The same image runs the HTTP
+# gateway with --entrypoint vlmq-gateway (docker-compose.yml: service gateway).
 #   docker build -t vlmq-worker .
 #   docker run --gpus '"device=0"' -e VLMQ_REDIS_URL=redis://:pw@redis:6379/0 vlmq-worker
 # Every setting is an environment variable VLMQ_<NAME> (worker/settings.py); see docs/operations.md.
@@ -28,9 +29,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
+COPY gateway ./gateway
 # flash-attn builds against the torch above: no build isolation (the project pins its own deps)
 # hadolint ignore=DL3013
-RUN pip install --no-build-isolation ".[worker,gpu]"
+RUN pip install --no-build-isolation ".[worker,gpu,gateway]"
 
 # ---- runtime: CUDA + cuDNN runtime, Python 3.11, the virtualenv, a non-root user ----
 FROM nvidia/cuda:${CUDA_TAG}-runtime-${UBUNTU}
@@ -58,7 +60,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin vlmq \
 VOLUME ["/var/cache/huggingface"]
 USER 10001:10001
 WORKDIR /home/vlmq
-EXPOSE 9464
+EXPOSE 9464 8000
 # consuming, not only alive: model loaded, broker up, heartbeat recent (worker/ops/health.py)
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["vlmq-worker", "health"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["burst_bench", "host_cost", "engine_bench", "stream_bench", "quant_memory"]
+MODULES = ["burst_bench", "host_cost", "engine_bench", "stream_bench", "quant_memory",
+           "gateway_bench"]
 
 
 def main(argv: list[str]) -> int:

@@ -134,6 +134,19 @@ class AdminCore:
             queues[name] = yield from self.queue_depth(name)
         return {"queues": queues, "oldest_queued": oldest, "jobs": counts, "workers": workers}
 
+    def backlog(self) -> Op[dict[str, dict[str, Any]]]:
+        """Per queue (one per model): broker ``depth`` (None when it cannot say), the QUEUED
+        jobs the ledger records (``queued``) and the age of the oldest (``oldest_age_s``)."""
+        now = time.time()
+        recorded = yield from records.queue_backlog()
+        names = sorted(set((yield from self.queue_names())) | set(recorded))
+        found: dict[str, dict[str, Any]] = {}
+        for name in names:
+            count, first = recorded.get(name, (0, now))
+            found[name] = {"depth": (yield from self.queue_depth(name)), "queued": count,
+                           "oldest_age_s": round(max(0.0, now - first), 3)}
+        return found
+
     # -- actions ---------------------------------------------------------------------------
 
     def retry(self, job_id: str) -> Op[JobState]:

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from producer.client import Producer
+from producer.exposition import render
 from producer.schema import JobStatus
 
 COMMANDS = ("stats", "jobs", "retry", "purge", "result-url")
@@ -18,7 +19,12 @@ def _print(obj: Any) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    sub.add_parser("stats", help="queue depths, oldest queued job, jobs by status, live workers")
+    stats = sub.add_parser("stats", help="queue depths, oldest queued job, jobs by status, "
+                                         "live workers")
+    stats.add_argument("--prometheus", action="store_true",
+                       help="print the per-model queue gauges in Prometheus' text format "
+                            "(vlmq_queue_depth, vlmq_queued_jobs, "
+                            "vlmq_oldest_queued_age_seconds)")
     jobs = sub.add_parser("jobs", help="list jobs (JSON), e.g. --status FAILED")
     jobs.add_argument("--status", choices=[s.value for s in JobStatus], default=None,
                       help="only jobs in this status (default: all)")
@@ -47,7 +53,10 @@ def _confirm(producer: Producer, queue: str) -> bool:
 def run(producer: Producer, args: argparse.Namespace) -> int:
     """Run one of COMMANDS; the caller maps the producer's exceptions to exit codes."""
     if args.command == "stats":
-        _print(producer.stats())
+        if args.prometheus:
+            print(render(producer.backlog()), end="")
+        else:
+            _print(producer.stats())
     elif args.command == "jobs":
         _print([s.model_dump(mode="json") for s in producer.jobs(args.status, args.limit)])
     elif args.command == "retry":

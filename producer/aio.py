@@ -186,6 +186,9 @@ class AsyncProducer:
     async def stats(self) -> dict[str, Any]:
         return await self._run(self._core.stats())
 
+    async def backlog(self) -> dict[str, dict[str, Any]]:
+        return await self._run(self._core.backlog())
+
     async def retry(self, job_id: str) -> JobState:
         return await self._run(self._core.retry(job_id))
 

@@ -126,6 +126,10 @@ class Producer:
         """Queue depths, the oldest queued job, job counts by status, live workers."""
         return self.ledger.run(self._core.stats())
 
+    def backlog(self) -> dict[str, dict[str, Any]]:
+        """Per queue: broker depth, QUEUED jobs recorded, age of the oldest."""
+        return self.ledger.run(self._core.backlog())
+
     def retry(self, job_id: str) -> JobState:
         """Run a FAILED or EXPIRED job again under the same id; JobNotFound or NotAllowed."""
         return self.ledger.run(self._core.retry(job_id))

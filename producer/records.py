@@ -281,3 +281,21 @@ def queued_per_queue() -> Op[dict[str, int]]:
             name = text(queue) if queue else keys.DEFAULT_QUEUE
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def queue_backlog(limit: int = 10_000) -> Op[dict[str, tuple[int, float]]]:
+    """Per queue: how many of the ``limit`` oldest QUEUED jobs the ledger records for it, and
+    the created_at of its oldest (for queue-age gauges; two round trips)."""
+    found = yield call("ZRANGE", Index.QUEUED.value, 0, limit - 1, "WITHSCORES")
+    pairs = [(text(p[0]), float(p[1])) for p in found] if found and isinstance(
+        found[0], list | tuple) else [(text(found[i]), float(found[i + 1]))
+                                      for i in range(0, len(found or []), 2)]
+    if not pairs:
+        return {}
+    queues = yield Batch(tuple(call("HGET", keys.job_key(i), "queue") for i, _ in pairs))
+    backlog: dict[str, tuple[int, float]] = {}
+    for (_job_id, created), queue in zip(pairs, queues, strict=True):
+        name = text(queue) if queue else keys.DEFAULT_QUEUE
+        count, first = backlog.get(name, (0, created))
+        backlog[name] = (count + 1, min(first, created))
+    return backlog

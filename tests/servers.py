@@ -275,3 +275,49 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+
+
+class GatewayProcess:
+    """A real ``python -m gateway serve`` process on a free loopback port."""
+
+    def __init__(self, redis_url: str, *args: str, log_dir: str | None = None,
+                 name: str = "gateway", env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="vlmq-gateway-")) / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--redis-url", redis_url, "serve",
+             "--port", str(self.port), "--log-level", "warning", *args],
+            env=dict(os.environ, **(env or {})), stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ready(self) -> bool:
+        """/healthz answers 200; raises if the process has exited."""
+        import urllib.request
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{self.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        try:
+            eventually(self.ready, timeout=timeout, interval=0.1)
+        except NeverHappened:
+            raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.log()[-4000:]}") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()

@@ -16,7 +16,8 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
-from producer.broker import broker_queue
+from producer.admin import AdminCore
+from producer.broker import Broker, broker_queue
 from producer.jobs import Ledger, connect
 from producer.keys import TASK_GENERATE
 from worker.app import create_app, queues_for
@@ -66,11 +67,10 @@ class Service:
                         stream_maxlen=settings.stream_maxlen)
         media = MediaLoader(settings)
         engine = create_engine(loaded, settings, media, Publisher(ledger))
-        metrics = Metrics()
+        metrics = Metrics(settings.served_model())
         runtime = Runtime(settings=settings, ledger=ledger, engine=engine, worker_id=worker_id,
                           results=ResultStore(settings), metrics=metrics,
                           check_record=record_check(settings))
-        metrics.bind(loaded, media, lambda: len(runtime.active))
         log.info("worker %s: ledger %s, broker %s", worker_id, settings.redis_url,
                  settings.broker())
         app = create_app(settings)
@@ -85,6 +85,9 @@ class Service:
             grace_s=settings.requeue_grace_s, broker=broker_redis,
             depth=None if broker_redis is not None else amqp_depth(app.connection_for_read))
         runtime.resend = reconciler.send
+        admin = AdminCore(ledger.config, Broker(app, broker))
+        metrics.bind(loaded, media, lambda: list(runtime.active.values()),
+                     lambda: ledger.run(admin.backlog()))
         queues = queues_for(settings)
         interval = min(settings.lease_s / 3, settings.reconcile_interval_s)
         celery_worker: dict[str, Any] = {}

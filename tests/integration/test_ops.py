@@ -48,7 +48,7 @@ def healthy(health_file: str) -> bool:
 
 
 def test_metrics_endpoint_counts_finished_jobs(producer: Producer, workers: Any,
-                                               image_server: Any) -> None:
+                                               image_server: Any, redis_server: Any) -> None:
     port = workers["qwen2_vl"].metrics_port
     before = scrape(port)
     ok = producer.submit(prompt="What is it?", images=[image_server.url("/cats.png")],
@@ -64,15 +64,32 @@ def test_metrics_endpoint_counts_finished_jobs(producer: Producer, workers: Any,
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert delta("vlmq_jobs_total", status="SUCCEEDED", code="none") >= 1
-    assert delta("vlmq_jobs_total", status="FAILED", code="IMAGE_NOT_FOUND") >= 1
-    for histogram in ("vlmq_queue_wait_seconds", "vlmq_time_to_first_token_seconds",
-                      "vlmq_job_latency_seconds", "vlmq_generation_tokens_per_second",
+    assert delta("vlmq_jobs_total", model=MODEL, status="succeeded") >= 1
+    assert delta("vlmq_jobs_total", model=MODEL, status="failed") >= 1
+    assert delta("vlmq_job_failures_total", model=MODEL, code="IMAGE_NOT_FOUND") >= 1
+    assert delta("vlmq_image_fetch_failures_total", model=MODEL, reason="not_found") >= 1
+    for histogram in ("vlmq_queue_time_seconds", "vlmq_time_to_first_token_seconds",
+                      "vlmq_time_per_output_token_seconds", "vlmq_e2e_seconds",
+                      "vlmq_prefill_seconds", "vlmq_fetch_seconds", "vlmq_preprocess_seconds",
                       "vlmq_batch_size"):
-        assert delta(f"{histogram}_count") >= 1, histogram
-    assert delta("vlmq_images_fetched_total") >= 1
-    assert after[("vlmq_model_weight_bytes", ())] > 0
-    assert ("vlmq_gpu_memory_allocated_bytes", ()) in after  # 0 on a CPU worker
+        assert delta(f"{histogram}_count", model=MODEL) >= 1, histogram
+    assert delta("vlmq_generation_tokens_total", model=MODEL) >= 3
+    assert delta("vlmq_prompt_tokens_total", model=MODEL) > 0
+    assert delta("vlmq_images_fetched_total", model=MODEL) >= 1
+    assert after[("vlmq_model_weight_bytes", (("model", MODEL),))] > 0
+    assert ("vlmq_gpu_memory_allocated_bytes", (("model", MODEL),)) in after  # 0 on a CPU
+    for gauge in ("vlmq_running_rows", "vlmq_waiting_jobs"):
+        assert (gauge, (("model", MODEL),)) in after
+    assert ("vlmq_oldest_queued_age_seconds", (("model", MODEL),)) in after
+    assert not any(name.endswith("_created") for name, _labels in after)
+    # the same queue gauges from any machine that reaches Redis
+    done = subprocess.run([sys.executable, "-m", "producer", "--redis-url", redis_server.url,
+                           "stats", "--prometheus"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    families = {family.name: family for family in text_string_to_metric_families(done.stdout)}
+    ages = {s.labels["model"]: s.value
+            for s in families["vlmq_oldest_queued_age_seconds"].samples}
+    assert MODEL in ages and ages[MODEL] >= 0
 
 
 def test_health_of_a_consuming_worker(workers: Any) -> None:

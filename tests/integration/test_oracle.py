@@ -111,7 +111,7 @@ def test_each_scheduler_matches_the_oracle_through_a_worker(
         scheduler: str, producer: Any, redis_server: Any, image_server: Any,
         tiny_paths: dict[str, str], tmp_path: Any) -> None:
     """Mixed concurrent jobs through a worker process that runs the scheduler asked for."""
-    from demo.servers import WorkerProcess
+    from tests.servers import WorkerProcess
 
     arch = "idefics3"
     name = f"tiny-{arch}-{scheduler}"

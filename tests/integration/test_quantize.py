@@ -132,17 +132,6 @@ def run_check(*args: str, hide: str | None = None) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=300)
 
 
-def test_check_reports_what_it_loaded(tiny_paths: dict[str, str]) -> None:
-    done = run_check("--model", tiny_paths["llava"], "--quantize", "int8", "--dtype", "bfloat16",
-                     "--attn", "eager")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
-    assert report["device"] == "cpu" and report["dtype"] == "bfloat16"
-    assert report["attention"] == "eager" and report["quantize"] == "int8"
-    assert report["quantized_modules"] > 0 and report["weight_mb"] > 0
-    assert report["load_s"] > 0 and report["tokens_per_s"] > 0 and report["rss_mb"] > 0
-
-
 REFUSALS = [
     ("flash-attn missing", ["--attn", "flash_attention_2"], None,
      ["flash_attention_2", "flash-attn is not installed"]),
@@ -191,6 +180,18 @@ def assert_refused(case: str, code: int, out: str, err: str, needles: list[str])
     for needle in needles:
         assert needle in err, f"{case}: {needle!r} not in {last!r}"
     assert out == ""
+
+
+def test_check_reports_what_it_loaded(tiny_paths: dict[str, str], worker_main: Any) -> None:
+    """``--check`` in this process (test_supervisor runs it in child processes, one per GPU)."""
+    code, out, err = worker_main("--check", "--device", "cpu", "--model", tiny_paths["llava"],
+                                 "--quantize", "int8", "--dtype", "bfloat16", "--attn", "eager")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["device"] == "cpu" and report["dtype"] == "bfloat16"
+    assert report["attention"] == "eager" and report["quantize"] == "int8"
+    assert report["quantized_modules"] > 0 and report["weight_mb"] > 0
+    assert report["load_s"] > 0 and report["tokens_per_s"] > 0 and report["rss_mb"] > 0
 
 
 @pytest.mark.parametrize("case,args,hide,needles", REFUSALS)

@@ -72,6 +72,12 @@ def test_compose_services_redis_minio_worker_profiles() -> None:
     assert "hf-cache:/var/cache/huggingface" in worker["volumes"]
     assert "profiles" not in worker  # `docker compose up` starts it
 
+    gateway = services["gateway"]
+    assert gateway["entrypoint"] == ["vlmq-gateway"] and gateway["command"][0] == "serve"
+    assert "/healthz" in " ".join(gateway["healthcheck"]["test"])
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert gateway["ports"] == ["127.0.0.1:8000:8000"] and "deploy" not in gateway
+
     int8 = services["worker-int8"]
     assert int8["profiles"] == ["int8"] and int8["environment"]["VLMQ_QUANTIZE"] == "int8"
     assert services["flower"]["profiles"] == ["flower"]
@@ -106,7 +112,8 @@ def test_dockerfile_runtime_stage() -> None:
     assert re.match(r"FROM nvidia/cuda:\$\{CUDA_TAG\}-runtime-\$\{UBUNTU\}$", stage[0])
     assert re.search(r"(?m)^ARG CUDA_TAG=12\.\d+\.\d+-cudnn$", text)
     assert re.search(r"(?m)^ARG UBUNTU=ubuntu22\.04$", text)
-    assert "python3.11" in text and 'pip install --no-build-isolation ".[worker,gpu]"' in text
+    assert "python3.11" in text
+    assert 'pip install --no-build-isolation ".[worker,gpu,gateway]"' in text
 
     def one(instruction: str) -> str:
         found = [line for line in stage if line.upper().startswith(instruction + " ")]

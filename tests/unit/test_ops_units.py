@@ -137,26 +137,53 @@ def test_metrics_batch_once_per_batch_and_first_token() -> None:
     from worker.engine.work import Outcome, Work
     from worker.ops.metrics import Metrics
 
-    metrics = Metrics()
+    metrics = Metrics("m")
     request = build_request(prompt="hi", images=["https://example.com/a.png"])
     rows = [Work(job_id=f"j{i}", fence=1, request=request, created_at=100.0, deadline=1e12)
             for i in range(3)]
     for row in rows:  # what the engine records on each row
-        row.gen_started, row.batch_size, row.first_token_at = 101.0, 3, 100.25
-    outcome = Outcome(text="x", finish_reason="stop", usage=Usage(completion_tokens=4),
+        row.gen_started, row.batch_size, row.first_token_at = 101.0, 3, 101.25
+        row.fetch_ms, row.preprocess_ms = 30.0, 12.0
+    outcome = Outcome(text="x", finish_reason="stop",
+                      usage=Usage(prompt_tokens=10, completion_tokens=4),
                       timings=Timings(queued_ms=500, generate_ms=2000, total_ms=3000))
     for row in rows:  # each row of the one batch finishes; the batch is counted once
         metrics.job_finished(row, outcome)
-    value = metrics.registry.get_sample_value
+    model = {"model": "m"}
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float | None:
+        return metrics.registry.get_sample_value(name, {**model, **(labels or {})})
+
     assert value("vlmq_batch_size_count") == 1 and value("vlmq_batch_size_sum") == 3
+    # from the start of the prefill (101.0) to the first token (101.25)
     assert value("vlmq_time_to_first_token_seconds_sum") == pytest.approx(0.75)
-    assert value("vlmq_generation_tokens_per_second_sum") == pytest.approx(6.0)
-    assert value("vlmq_queue_wait_seconds_count") == 3
+    # the other 3 tokens in the remaining 1.75 s of generation
+    assert value("vlmq_time_per_output_token_seconds_sum") == pytest.approx(3 * 1.75 / 3)
+    assert value("vlmq_queue_time_seconds_count") == 3
+    assert value("vlmq_fetch_seconds_sum") == pytest.approx(0.09)
+    assert value("vlmq_prompt_tokens_total") == 30 and value("vlmq_generation_tokens_total") == 12
     rows[0].first_token_at = 0.0  # no token came out: no time to first token
     metrics.job_finished(rows[0], outcome)
     assert value("vlmq_time_to_first_token_seconds_count") == 3
     metrics.job_ended("FAILED", "IMAGE_NOT_FOUND")
-    assert value("vlmq_jobs_total", {"status": "FAILED", "code": "IMAGE_NOT_FOUND"}) == 1
+    metrics.job_ended("SUCCEEDED")
+    assert value("vlmq_jobs_total", {"status": "failed"}) == 1
+    assert value("vlmq_jobs_total", {"status": "succeeded"}) == 1
+    assert value("vlmq_job_failures_total", {"code": "IMAGE_NOT_FOUND"}) == 1
+    assert value("vlmq_image_fetch_failures_total", {"reason": "not_found"}) == 1
+    names = {s.name for family in metrics.registry.collect() for s in family.samples}
+    assert not any(name.endswith("_created") for name in names)
+
+
+def test_queue_gauges_render_for_prometheus() -> None:
+    from producer.exposition import render
+
+    text = render({"vlmq.tiny-a": {"depth": 3, "queued": 4, "oldest_age_s": 12.5},
+                   "vlmq": {"depth": None, "queued": 0, "oldest_age_s": 0.0}})
+    assert 'vlmq_queue_depth{model="tiny-a"} 3.0' in text
+    assert 'vlmq_queue_depth{model="vlmq"}' not in text  # the broker could not say
+    assert 'vlmq_oldest_queued_age_seconds{model="tiny-a"} 12.5' in text
+    assert text.count("# TYPE vlmq_queued_jobs gauge") == 1
 
 
 def test_quarantine_lets_a_retry_in_only_alone() -> None:
@@ -173,3 +200,23 @@ def test_quarantine_lets_a_retry_in_only_alone() -> None:
     with gate.hold(alone=False):
         assert not gate.enter(alone=True)
     assert gate.enter(alone=True)
+
+
+def test_the_dashboard_queries_only_metrics_the_workers_export() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from producer.exposition import GAUGES
+    from worker.ops.metrics import Metrics
+
+    metrics = Metrics("m")
+    families = list(metrics.registry.collect())
+    exported = {s.name for family in families for s in family.samples}
+    exported |= {f"{f.name}_total" for f in families if f.type == "counter"}  # none counted yet
+    exported |= {name for name, _key, _text in GAUGES}
+    exported |= {"vlmq_running_rows", "vlmq_waiting_jobs"}  # bound to a live worker
+    dashboard = json.loads((Path(__file__).parents[2] / "docs/grafana-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\bvlmq_\w+", target["expr"])}
+    assert queried and queried <= exported, queried - exported

@@ -82,6 +82,7 @@ class Row:
         deadline)."""
         self.live.ids.append(token)
         work = self.work
+        work.first_token_at = work.first_token_at or now
         reason = None
         if token in eos_ids or token in work.rules.end_ids or self.live.stop_seen or \
                 self.stop_in_tail(decode):

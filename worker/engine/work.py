@@ -51,6 +51,7 @@ class Work:
     finish_reason: FinishReason | None = None
     # for metrics: when the first token came out, and the rows of the batch it ran in
     first_token_at: float = 0.0
+    prefill_ms: float = 0.0  # the prefill forward, where the engine times it on its own
     batch_size: int = 0
 
     def reset_for_retry(self) -> None:
