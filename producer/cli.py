@@ -14,6 +14,7 @@ import redis
 from producer import admin_cli, keys
 from producer.client import Producer
 from producer.errors import (
+    CorruptRecord,
     InvalidRequestError,
     JobFailed,
     JobNotFound,
@@ -147,6 +148,7 @@ _EXITS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int, s
     (JobFailed, 4, ""),
     (NotAllowed, 6, ""),
     (ResultUnavailable, 7, ""),
+    (CorruptRecord, 9, ""),
     (SigningError, 8, "cannot sign: "),
     (redis.exceptions.AuthenticationError, 5,
      "Redis refused the credentials (authentication failed): "),

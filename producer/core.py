@@ -110,7 +110,7 @@ class ClientCore(AdminCore):
         FAILED job, and an EXPIRED one without a partial result."""
         yield from self.wait(job_id, timeout)
         raw = (yield from records.raw(job_id)) or {}
-        state = parse_state(raw)
+        state = parse_state(raw, job_id)
         found = parse_result(raw)
         if found is None and state.result_uri and state.status != JobStatus.FAILED:
             found = yield Blocking(functools.partial(self.s3.read, state.result_uri))

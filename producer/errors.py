@@ -40,6 +40,15 @@ class JobNotFound(VlmqError, KeyError):
         return str(self.args[0])
 
 
+class CorruptRecord(VlmqError):
+    """The job's record cannot be read as a job (its status is not a job status): it was
+    written around the producer. ``problems`` says what is wrong."""
+
+    def __init__(self, job_id: str, problems: list[str]) -> None:
+        self.job_id, self.problems = job_id, problems
+        super().__init__(f"job {job_id!r} has an unreadable record: {'; '.join(problems)}")
+
+
 class JobFailed(VlmqError):
     """The job ended FAILED or EXPIRED without a result; ``error`` says why."""
 

@@ -65,9 +65,18 @@ local function terminal(status)
   return status ~= 'QUEUED' and status ~= 'RUNNING'
 end
 
+-- a counter HINCRBY takes and a double holds exactly: 0, or no leading zero and <= 15 digits
 local function counter_ok(name)
   local value = redis.call('HGET', JOB, name)
-  return not value or string.match(value, '^%d+$') ~= nil
+  return not value or value == '0' or (#value <= 15 and string.match(value, '^[1-9]%d*$') ~= nil)
+end
+
+-- a timestamp field: absent, or a finite number (not NaN, not infinite)
+local function time_ok(name)
+  local value = redis.call('HGET', JOB, name)
+  if not value then return true end
+  local number = tonumber(value)
+  return number ~= nil and number == number and number > -math.huge and number < math.huge
 end
 """
 
@@ -95,8 +104,8 @@ local job_id, now, retention, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local status = redis.call('HGET', JOB, 'status')
 if not status then return {'missing'} end
 if terminal(status) then return {'terminal'} end
-if status == 'RUNNING' then
-  local lease = tonumber(redis.call('HGET', JOB, 'lease_until') or '0') or 0
+if status == 'RUNNING' and time_ok('lease_until') then
+  local lease = tonumber(redis.call('HGET', JOB, 'lease_until') or '0')
   if lease > tonumber(now) then return {'busy'} end
 end
 if redis.call('HGET', JOB, 'cancel') == '1' then
@@ -112,9 +121,11 @@ if deadline and tonumber(now) >= deadline then
   emit(ARGV[9], now, maxlen)
   return {'expired'}
 end
--- counters written around the producer: reset so the record stays usable, fail the job
-if not (counter_ok('attempts') and counter_ok('fence')) then
-  for _, name in ipairs({'attempts', 'fence'}) do
+-- fields this script counts with, written around the producer: fail the job (counters are
+-- reset so the record stays usable)
+local valid = time_ok('lease_until') and time_ok('deadline_at') and time_ok('created_at')
+if not (valid and counter_ok('attempts') and counter_ok('fence') and counter_ok('tokens')) then
+  for _, name in ipairs({'attempts', 'fence', 'tokens'}) do
     if not counter_ok(name) then redis.call('HSET', JOB, name, 0) end
   end
   redis.call('HSET', JOB, 'error', ARGV[13])
@@ -233,7 +244,8 @@ local status = redis.call('HGET', JOB, 'status')
 if not status then return {'missing'} end
 if status ~= 'FAILED' and status ~= 'EXPIRED' then return {'refused', status} end
 local now = ARGV[2]
-local retries = redis.call('HINCRBY', JOB, 'retries', 1)
+local retries = (tonumber(redis.call('HGET', JOB, 'retries') or '0') or 0) + 1
+redis.call('HSET', JOB, 'retries', retries)
 local entry = {retry = retries, at = tonumber(now), previous_status = status,
   previous_attempts = tonumber(redis.call('HGET', JOB, 'attempts') or '0')}
 local err = redis.call('HGET', JOB, 'error')

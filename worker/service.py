@@ -83,7 +83,8 @@ class Service:
                 TASK_GENERATE, args=[job_id], task_id=job_id, queue=broker_queue(queue, broker)),
             worker_id=worker_id, interval_s=settings.reconcile_interval_s,
             grace_s=settings.requeue_grace_s, broker=broker_redis,
-            depth=None if broker_redis is not None else amqp_depth(app.connection_for_read))
+            depth=None if broker_redis is not None else amqp_depth(app.connection_for_read),
+            on_quarantine=lambda _job_id: metrics.quarantined.inc())
         runtime.resend = reconciler.send
         queues = queues_for(settings)
         interval = min(settings.lease_s / 3, settings.reconcile_interval_s)

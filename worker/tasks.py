@@ -136,6 +136,8 @@ def _run(rt: Runtime, job_id: str, claim: Claim) -> TaskOutcome:
     log.info("job %s RUNNING fence=%d", job_id, claim.fence,
              extra={"job_id": job_id, "status": "RUNNING", "fence": claim.fence})
     try:
+        if claim.problems:  # a record written around the producer (producer.fields)
+            raise InvalidRequest("the job record is unreadable: " + "; ".join(claim.problems))
         if rt.check_record is not None:
             rt.check_record(claim.record)
         work = Work(job_id=job_id, fence=claim.fence,

@@ -73,6 +73,8 @@ class Metrics:
         r = self.registry
         self.jobs = Counter("vlmq_jobs", "Jobs ended by this worker, by final status and error "
                             "code", ["status", "code"], registry=r)
+        self.quarantined = Counter("vlmq_records_quarantined", "Job records the reconciler "
+                                   "took out of the indexes: not readable as a job", registry=r)
         self.queue_wait = Histogram("vlmq_queue_wait_seconds", "Submission to claim",
                                     buckets=_SECONDS, registry=r)
         self.ttft = Histogram("vlmq_time_to_first_token_seconds",
