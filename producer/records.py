@@ -155,8 +155,8 @@ def claim(cfg: LedgerConfig, job_id: str, worker: str, lease_s: float,
     lost = ErrorInfo(code=ErrorCode.WORKER_LOST, message=(
         f"the job was started {max_attempts} times and its worker was lost each time"))
     invalid = ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=(
-        "the job record holds a counter or time that is not a number (written around the "
-        "producer?)"))
+        "the job record was written around the producer: a counter or time that is not a "
+        "number, or a finished job set back to run by hand"))
     reply = yield Eval(scripts.CLAIM, tuple(keys.job_keys(job_id)), (
         job_id, _now(), cfg.retention_s, cfg.stream_maxlen, lease_s, worker, max_attempts,
         event_body(job_id, "cancelled", finish_reason="cancelled"),

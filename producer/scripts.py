@@ -123,7 +123,10 @@ if deadline and tonumber(now) >= deadline then
 end
 -- fields this script counts with, written around the producer: fail the job (counters are
 -- reset so the record stays usable)
-local valid = time_ok('lease_until') and time_ok('deadline_at') and time_ok('created_at')
+-- a record that ended carries finished_at until RETRY clears it: one set back to QUEUED or
+-- RUNNING by hand would run a finished (signed) job again, so it ends here instead
+local valid = not redis.call('HGET', JOB, 'finished_at') and time_ok('lease_until')
+  and time_ok('deadline_at') and time_ok('created_at')
 if not (valid and counter_ok('attempts') and counter_ok('fence') and counter_ok('tokens')) then
   for _, name in ipairs({'attempts', 'fence', 'tokens'}) do
     if not counter_ok(name) then redis.call('HSET', JOB, name, 0) end
