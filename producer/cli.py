@@ -15,6 +15,7 @@ from producer import admin_cli, keys
 from producer.client import Producer
 from producer.errors import (
     CorruptRecord,
+    IdempotencyConflict,
     InvalidRequestError,
     JobFailed,
     JobNotFound,
@@ -70,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--model", default=None, help="route to this model's queue")
     submit.add_argument("--ttl", type=float, default=None, dest="ttl_s",
                         help="seconds before an unfinished job expires")
-    submit.add_argument("--idempotency-key", default=None)
+    submit.add_argument("--idempotency-key", default=None,
+                        help="same key and same request: the first job's id, enqueued once; "
+                             "same key, another request: exit 10")
+    submit.add_argument("--idempotency-scope", default=None,
+                        help="namespace for --idempotency-key (e.g. this producer's name)")
     submit.add_argument("--wait", action="store_true", help="wait and print the result")
     submit.add_argument("--stream", action="store_true",
                         help="print tokens as they arrive, then the final status line")
@@ -122,7 +127,7 @@ def _submit(producer: Producer, args: argparse.Namespace) -> int:
     messages = _read_json(args.messages)
     options: dict[str, Any] = {name: getattr(args, name) for name in (
         "max_new_tokens", "temperature", "do_sample", "seed", "stop", "model", "ttl_s",
-        "idempotency_key") if getattr(args, name) is not None}
+        "idempotency_key", "idempotency_scope") if getattr(args, name) is not None}
     params = {name: getattr(args, name) for name in ("bad_words", "end_tokens", "num_beams")
               if getattr(args, name) is not None}
     if params:
@@ -149,6 +154,7 @@ _EXITS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int, s
     (NotAllowed, 6, ""),
     (ResultUnavailable, 7, ""),
     (CorruptRecord, 9, ""),
+    (IdempotencyConflict, 10, ""),
     (SigningError, 8, "cannot sign: "),
     (redis.exceptions.AuthenticationError, 5,
      "Redis refused the credentials (authentication failed): "),

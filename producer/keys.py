@@ -42,8 +42,10 @@ def job_keys(job_id: str) -> list[str]:
             QUEUED_INDEX, RUNNING_INDEX, TERMINAL_INDEX]
 
 
-def idempotency_key(key: str) -> str:
-    return f"{PREFIX}:idem:{key}"
+def idempotency_key(key: str, scope: str | None = None) -> str:
+    """String ``{job id} {sha256 hex of the request JSON}``; with a scope (no ``:`` in it) the
+    key is namespaced: ``vlmq:idem@{scope}:{key}``."""
+    return f"{PREFIX}:idem@{scope}:{key}" if scope else f"{PREFIX}:idem:{key}"
 
 
 def worker_key(worker_id: str) -> str:

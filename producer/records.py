@@ -8,6 +8,7 @@ only code that names the job keys; everything else asks them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from producer import fields, keys, scripts
-from producer.errors import CorruptRecord
+from producer.errors import CorruptRecord, IdempotencyConflict
 from producer.events import event_body, new_events, parse_event
 from producer.replies import (
     Append,
@@ -106,19 +107,25 @@ def new_record(job_id: str, request: JobRequest, queue: str, now: float,
     if request.ttl_s is not None:
         fields["deadline_at"] = repr(now + request.ttl_s)
     if signer is not None:
-        fields.update(signer.sign_record(job_id, queue, fields["request"]))
+        fields.update(signer.sign_record(job_id, keys.job_key(job_id), queue, fields["request"]))
     return fields
 
 
 def create(cfg: LedgerConfig, job_id: str, request: JobRequest, queue: str) -> Op[Created]:
-    """Write a QUEUED record (and index it); an idempotency hit answers the first job's id."""
+    """Write a QUEUED record (and index it); an idempotency hit answers the first job's id, or
+    raises IdempotencyConflict when the key's entry holds another request's hash."""
     now = time.time()
     fields = new_record(job_id, request, queue, now, cfg.signer)
-    idem = keys.idempotency_key(request.idempotency_key) if request.idempotency_key else ""
+    idem = keys.idempotency_key(request.idempotency_key, request.idempotency_scope) \
+        if request.idempotency_key else ""
+    digest = hashlib.sha256(fields["request"].encode()).hexdigest()
     flat = [item for pair in fields.items() for item in pair]
     created, found = yield Eval(scripts.CREATE, (keys.job_key(job_id), idem, keys.QUEUED_INDEX),
-                                (job_id, repr(now), cfg.retention_s, *flat))
-    return Created(bool(created), text(found))
+                                (job_id, repr(now), cfg.retention_s, digest, *flat))
+    first, _, stored = text(found).partition(" ")
+    if stored and stored != digest:
+        raise IdempotencyConflict(request.idempotency_key or "", first)
+    return Created(bool(created), first)
 
 
 def raw(job_id: str) -> Op[dict[str, str] | None]:
@@ -163,7 +170,7 @@ def claim(cfg: LedgerConfig, job_id: str, worker: str, lease_s: float,
         event_body(job_id, "cancelled", finish_reason="deadline"),
         event_body(job_id, "error", error=lost), lost.model_dump_json(),
         event_body(job_id, "error", error=invalid), invalid.model_dump_json()))
-    return Claim.parse(reply)
+    return Claim.parse(reply, keys.job_key(job_id))
 
 
 def heartbeat(job_id: str, fence: int, lease_s: float) -> Op[Heartbeat]:

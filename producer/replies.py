@@ -100,6 +100,7 @@ class Claim:
     next_seq: int = 0  # where the stream goes on
     sent: str = ""  # text earlier attempts already streamed
     record: dict[str, str] = field(default_factory=dict)  # the record's fields (signatures too)
+    key: str = ""  # where the record lives (what its signature covers)
 
     @property
     def request(self) -> str | None:
@@ -125,13 +126,14 @@ class Claim:
         return float("inf") if found is None else found
 
     @classmethod
-    def parse(cls, reply: list[Any]) -> Claim:
+    def parse(cls, reply: list[Any], key: str = "") -> Claim:
         outcome = ClaimOutcome(text(reply[0]))
         if outcome is not ClaimOutcome.CLAIMED:
-            return cls(outcome)
+            return cls(outcome, key=key)
         pairs = [fields.as_str(item) for item in reply[5:]]
         return cls(outcome, fence=int(reply[1]), attempt=int(reply[2]), next_seq=int(reply[3]),
-                   sent=text(reply[4]), record=dict(zip(pairs[::2], pairs[1::2], strict=True)))
+                   sent=text(reply[4]), record=dict(zip(pairs[::2], pairs[1::2], strict=True)),
+                   key=key)
 
 
 class Heartbeat(IntEnum):

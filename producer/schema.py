@@ -180,6 +180,10 @@ class JobRequest(WireModel):
     result_store: Literal["redis", "s3"] = "redis"
     ttl_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
     idempotency_key: str | None = Field(None, min_length=1, max_length=128)
+    idempotency_scope: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+        description="a namespace for idempotency_key (one per producer): the same key in two "
+                    "scopes names two jobs")
     max_pixels: int | None = Field(None, ge=28 * 28, le=100_000_000)
     metadata: dict[str, str] = Field(default_factory=dict)
 

@@ -80,15 +80,16 @@ local function time_ok(name)
 end
 """
 
-# KEYS: job, idem ('' for none), queued index. ARGV: id, created_at, idem_ttl, field/value pairs.
+# KEYS: job, idem ('' for none), queued index. ARGV: id, created_at, idem_ttl, request hash,
+# field/value pairs. The idem key holds "{id} {request hash}"; a hit answers {0, that value}.
 CREATE = Script("create", r"""
 if KEYS[2] ~= '' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {0, existing} end
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+  redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. ARGV[4], 'EX', ARGV[3])
 end
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return {1, ARGV[1]}

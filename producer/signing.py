@@ -33,7 +33,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from producer import keys
 from producer.errors import VlmqError
 
 RECORD_VERSION = b"vlmq-record-v2"
@@ -43,11 +42,11 @@ class SigningError(VlmqError):
     """A key, certificate or store that cannot be used, or a record that does not verify."""
 
 
-def record_payload(job_id: str, queue: str, request_json: str) -> bytes:
-    """The bytes a record signature covers: version, job id, the record's key, queue and
-    request, NUL-separated."""
-    return b"\0".join([RECORD_VERSION, job_id.encode(), keys.job_key(job_id).encode(),
-                       queue.encode(), request_json.encode()])
+def record_payload(job_id: str, key: str, queue: str, request_json: str) -> bytes:
+    """The bytes a record signature covers: version, job id, the record's key (the ledger's
+    ``vlmq:job:{id}``), queue and request, NUL-separated."""
+    return b"\0".join([RECORD_VERSION, job_id.encode(), key.encode(), queue.encode(),
+                       request_json.encode()])
 
 
 def _pss() -> Any:
@@ -113,9 +112,9 @@ class Signer:
 
         return bytes(self._key.sign(data, _pss(), hashes.SHA256()))
 
-    def sign_record(self, job_id: str, queue: str, request_json: str) -> dict[str, str]:
-        """The ``signer`` and ``sig`` fields to add to a new job record."""
-        signature = self.sign(record_payload(job_id, queue, request_json))
+    def sign_record(self, job_id: str, key: str, queue: str, request_json: str) -> dict[str, str]:
+        """The ``signer`` and ``sig`` fields to add to a new job record stored at ``key``."""
+        signature = self.sign(record_payload(job_id, key, queue, request_json))
         return {"signer": self.signer_id, "sig": base64.b64encode(signature).decode()}
 
     def serializer(self) -> str:
@@ -157,9 +156,9 @@ class Verifier:
     def knows(self, signer_id: str) -> bool:
         return signer_id in self._certs
 
-    def verify_record(self, raw: dict[str, str], job_id: str) -> None:
-        """Raise SigningError unless ``raw``, read from job ``job_id``'s key, carries a valid
-        signature of that job by a known signer."""
+    def verify_record(self, raw: dict[str, str], job_id: str, key: str) -> None:
+        """Raise SigningError unless ``raw``, read from job ``job_id``'s ``key``, carries a
+        valid signature of that job at that key by a known signer."""
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import hashes
 
@@ -174,7 +173,7 @@ class Verifier:
         if raw.get("id") != job_id:
             raise SigningError("the job record's id is not the job claimed (a record copied "
                                "from another job)")
-        payload = record_payload(job_id, raw.get("queue", ""), raw.get("request", ""))
+        payload = record_payload(job_id, key, raw.get("queue", ""), raw.get("request", ""))
         try:
             cert.public_key().verify(base64.b64decode(sig), payload, _pss(), hashes.SHA256())
         except (InvalidSignature, ValueError):

@@ -69,16 +69,16 @@ def configure(app: Any, settings: WorkerSettings) -> None:
     app.setup_security()
 
 
-def record_check(settings: WorkerSettings) -> Callable[[str, dict[str, str]], None] | None:
+def record_check(settings: WorkerSettings) -> Callable[[str, str, dict[str, str]], None] | None:
     """With signing: a check raising InvalidRequest for a record (of the job id claimed)
     without a trusted signature of that job."""
     if not settings.signing() or not settings.security_cert_store:
         return None
     verifier = Verifier(settings.security_cert_store)
 
-    def check(job_id: str, raw: dict[str, str]) -> None:
+    def check(job_id: str, key: str, raw: dict[str, str]) -> None:
         try:
-            verifier.verify_record(raw, job_id)
+            verifier.verify_record(raw, job_id, key)
         except SigningError as error:
             raise InvalidRequest(f"refused: {error}; this worker runs only jobs signed by a "
                                  "producer whose certificate is in its store") from None

@@ -65,7 +65,7 @@ class Runtime:
 
     resend: Callable[[str, str], None] | None = None  # (job_id, queue): send the task again
     # signing on: raises InvalidRequest for a record no trusted producer signed (worker.security)
-    check_record: Callable[[str, dict[str, str]], None] | None = None  # (job id, record)
+    check_record: Callable[[str, str, dict[str, str]], None] | None = None  # id, key, record
 
     def drain(self) -> None:
         """Shutting down: stop every job in hand at its next step and hand it back."""
@@ -139,7 +139,7 @@ def _run(rt: Runtime, job_id: str, claim: Claim) -> TaskOutcome:
         if claim.problems:  # a record written around the producer (producer.fields)
             raise InvalidRequest("the job record is unreadable: " + "; ".join(claim.problems))
         if rt.check_record is not None:
-            rt.check_record(job_id, claim.record)
+            rt.check_record(job_id, claim.key, claim.record)
         work = Work(job_id=job_id, fence=claim.fence,
                     request=_decode_request(claim.request, rt.settings),
                     created_at=claim.created_at, deadline=claim.deadline,

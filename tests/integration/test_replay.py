@@ -93,7 +93,7 @@ def test_a_retried_signed_record_runs_again(
     request = build_request(prompt="hi retried")
     signer = ledger.config.signer
     assert signer is not None
-    sig = signer.sign_record(job_id, "vlmq", request.model_dump_json())
+    sig = signer.sign_record(job_id, keys.job_key(job_id), "vlmq", request.model_dump_json())
     ledger.redis.hset(keys.job_key(job_id), mapping={"request": request.model_dump_json(), **sig})
     assert ledger.retry(job_id).outcome == "queued"
     assert run_job(runtime, (job_id,), {}) == JobStatus.SUCCEEDED
