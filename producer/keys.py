@@ -5,7 +5,11 @@ the job keys, streams and indexes; queue names per model live in ``producer.brok
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "vlmq"
+# the syntax of a job id (what a producer makes, what a worker accepts in a task message)
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "vlmq"
 TASK_GENERATE = "vlmq.generate"

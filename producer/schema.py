@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticSerializationError
 
 from producer import sources
 from producer.answers import (
@@ -230,6 +231,15 @@ class JobRequest(WireModel):
         if len(self.image_sources()) > limits.max_images:
             raise ValueError(f"{name}: at most {limits.max_images} images per job")
         _check_metadata(self.metadata, limits)
+        return self
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> JobRequest:
+        """Text that JSON (UTF-8) cannot carry, such as a lone surrogate, is refused here."""
+        try:
+            self.model_dump_json()
+        except PydanticSerializationError:
+            raise ValueError("text is not valid Unicode (it holds a lone surrogate)") from None
         return self
 
     def all_parts(self) -> list[TextPart | ImagePart]:

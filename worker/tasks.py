@@ -10,7 +10,6 @@ way the job ends FAILED and the worker keeps serving.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
     from worker.results import ResultStore
 
 log = logging.getLogger("vlmq.tasks")
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _STATUS_BY_REASON = {"stop": JobStatus.SUCCEEDED, "length": JobStatus.SUCCEEDED,
                      "cancelled": JobStatus.CANCELLED, "deadline": JobStatus.EXPIRED}
 # claims that ended the job: error code, and why (for the log)
@@ -96,7 +94,7 @@ def register(app: Celery, runtime: Runtime) -> None:
 
 
 def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskOutcome:
-    if kwargs or len(args) != 1 or not isinstance(args[0], str) or not _JOB_ID.match(args[0]):
+    if kwargs or len(args) != 1 or not isinstance(args[0], str) or not keys.JOB_ID.match(args[0]):
         log.warning("dropped a malformed task message: args=%.200r kwargs=%.200r", args, kwargs)
         return None
     job_id = args[0]
