@@ -32,7 +32,7 @@ from worker.ops.metrics import Metrics
 from worker.ops.probes import Probes
 from worker.ops.reconciler import Reconciler, amqp_depth
 from worker.results import ResultStore
-from worker.security import record_check
+from worker.security import only_generate, record_check
 from worker.settings import WorkerSettings
 from worker.tasks import Runtime, register
 
@@ -75,6 +75,7 @@ class Service:
                  settings.broker())
         app = create_app(settings)
         register(app, runtime)
+        only_generate(app, metrics.refused_message)  # celery.map and the like: refused
         broker = settings.broker()
         broker_redis = (redis.Redis.from_url(broker)
                         if broker.startswith(("redis://", "rediss://", "unix://")) else None)

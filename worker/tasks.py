@@ -23,6 +23,7 @@ from producer import keys
 from producer.jobs import Ending, Ledger
 from producer.replies import Claim, ClaimOutcome, Heartbeat
 from producer.schema import ErrorCode, ErrorInfo, JobRequest, JobResult, JobStatus, Limits
+from worker import security
 from worker.engine.static import Engine
 from worker.engine.work import Outcome, Work
 from worker.errors import InvalidRequest, JobError
@@ -88,8 +89,11 @@ class Runtime:
 
 
 def register(app: Celery, runtime: Runtime) -> None:
-    @app.task(name=keys.TASK_GENERATE, ignore_result=True)
-    def generate(*args: Any, **kwargs: Any) -> None:
+    refused = runtime.metrics.refused_message if runtime.metrics is not None else None
+
+    @app.task(name=keys.TASK_GENERATE, ignore_result=True, bind=True)
+    def generate(self: Any, *args: Any, **kwargs: Any) -> None:
+        security.check(self.request, args, kwargs, refused)  # or Reject: dropped, no callbacks
         run_job(runtime, args, kwargs)
 
 

@@ -75,6 +75,9 @@ class Metrics:
                             "code", ["status", "code"], registry=r)
         self.quarantined = Counter("vlmq_records_quarantined", "Job records the reconciler "
                                    "took out of the indexes: not readable as a job", registry=r)
+        self.refused = Counter("vlmq_messages_refused", "Broker messages refused unrun, by "
+                               "reason (unknown_task, callbacks, malformed, rejected)",
+                               ["reason"], registry=r)
         self.queue_wait = Histogram("vlmq_queue_wait_seconds", "Submission to claim",
                                     buckets=_SECONDS, registry=r)
         self.ttft = Histogram("vlmq_time_to_first_token_seconds",
@@ -118,6 +121,9 @@ class Metrics:
         return True
 
     # -- hooks called by worker.tasks -------------------------------------------------------
+
+    def refused_message(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
 
     def job_ended(self, status: str, code: str | None = None) -> None:
         self.jobs.labels(status=status, code=code or "none").inc()
