@@ -233,6 +233,8 @@ class MediaLoader:
         if _scheme(source) == "s3":
             from worker.media import s3  # boto3 is imported only when an s3 source is used
 
+            # refused before a client is built: building one looks up credentials
+            s3.check_source(source, self.settings.s3_allowed_buckets)
             with self._s3_lock:
                 if self._s3_client is None:
                     self._s3_client = s3.make_client(self.settings)
