@@ -2,11 +2,9 @@
 
 Threads:
 - callers (Celery task threads) ``submit`` a Work and wait on its future;
-- a fetch pool (``fetch_jobs`` threads; ``fetch_per_host`` fetches per host in the media
-  loader) fetches and decodes the remote images of each request, apart from
-- a small prep pool that decodes local (data:) images and runs the processor for each request
-  alone, so the next requests' preprocessing overlaps the current generation and a slow image
-  host never holds a request whose images are local;
+- a fetch pool (``fetch_jobs``) fetches remote images, apart from a small prep pool that runs
+  the processor for each request alone (and decodes data: images), so the next requests'
+  preprocessing overlaps the generation and a slow host never holds a job with local images;
 - one generation thread takes every prepared request waiting, picks a batch (``batching.plan``:
   greedy rows of similar length within the row, token and pixel budgets; sampling and beam
   search rows alone),
@@ -60,9 +58,6 @@ from worker.model.memory import STICKY_CUDA_EXIT, is_sticky_cuda_error
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("vlmq.engine")
-_DEADLINE_SLACK_S = 0.1
-
-
 class Engine:
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings, media: Any,
                  publisher: Publisher) -> None:
@@ -79,8 +74,6 @@ class Engine:
         self._ready: queue.Queue[Work | None] = queue.Queue()
         self.broken = False
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmq-prep")
-        # jobs with remote images fetch on their own pool, so a slow host never holds the prep
-        # pool (and the jobs whose images are local) for its fetch deadline
         self._fetch = ThreadPoolExecutor(max_workers=settings.fetch_jobs,
                                          thread_name_prefix="vlmq-fetch")
         self._thread = threading.Thread(target=self._loop, name="vlmq-generate", daemon=True)
@@ -102,10 +95,8 @@ class Engine:
     # -- preparation (prep pool) -----------------------------------------------------------
 
     def _prepare(self, work: Work, remote: bool = False) -> None:
-        """Fetch and decode the images (on the fetch pool when ``remote``, then hand over to
-        the prep pool), then preprocess. A job whose deadline passes while its images are
-        fetched (a fetch that fails within ``_DEADLINE_SLACK_S`` of it ran into it) ends
-        ``deadline`` (EXPIRED), whatever the source."""
+        """Load the images (``remote``: on the fetch pool), then preprocess on the prep pool. A
+        fetch that fails at (within 0.1 s of) the job's deadline ends it ``deadline``."""
         try:
             started = time.perf_counter()
             images = self.media.load_all(
@@ -114,7 +105,7 @@ class Engine:
                                                           self.settings.fetch_total_timeout_s)))
             work.fetch_ms = (time.perf_counter() - started) * 1000
         except BaseException as error:
-            if time.time() + _DEADLINE_SLACK_S >= work.deadline:  # the fetch ran into it
+            if time.time() + 0.1 >= work.deadline:  # the fetch ran into the deadline
                 work.finish_reason = "deadline"
                 work.future.set_result(work.outcome())
             else:
