@@ -11,7 +11,7 @@ from typing import Any
 import kombu.exceptions
 import redis
 
-from producer import admin_cli, keys
+from producer import admin_cli, contract, keys
 from producer.client import Producer
 from producer.errors import (
     CorruptRecord,
@@ -24,7 +24,6 @@ from producer.errors import (
     ResultUnavailable,
 )
 from producer.s3 import S3Config
-from producer.schema import request_json_schema
 from producer.signing import SigningError
 
 
@@ -92,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--after", type=int, default=None, help="start after this seq")
     stream.add_argument("--json", action="store_true", help="print each event as JSON")
     stream.add_argument("--timeout", type=float, default=600.0)
-    sub.add_parser("schema", help="print the JSON Schema of the wire contract")
+    schema = sub.add_parser("schema", help="print the wire contract: JSON Schemas (JobRequest "
+                            "as workers accept it), job id syntax, record fields, error codes")
+    schema.add_argument("--cancel-lua", action="store_true",
+                        help="print the cancel script instead (docs/cancel.lua)")
     admin_cli.add_parsers(sub)
     return parser
 
@@ -182,7 +184,10 @@ def _run(producer: Producer, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "schema":
-        _print(request_json_schema())
+        if args.cancel_lua:
+            print(contract.cancel_lua(), end="")
+        else:
+            _print(contract.document())
         return 0
     env = os.environ.get
     try:

@@ -46,6 +46,10 @@ def job_keys(job_id: str) -> list[str]:
             QUEUED_INDEX, RUNNING_INDEX, TERMINAL_INDEX]
 
 
+# the job scripts' KEYS with ``{id}`` in place of a job id: what the contract documents
+JOB_KEYS_DOC = job_keys("{id}")
+
+
 def idempotency_key(key: str, scope: str | None = None) -> str:
     """String ``{job id} {sha256 hex of the request JSON}``; with a scope (no ``:`` in it) the
     key is namespaced: ``vlmq:idem@{scope}:{key}``."""
