@@ -14,7 +14,7 @@ last position at each step, and selected with the rows. ``per_row`` carries tens
 dim 0 is the row and that have no cache axis (say, image hidden states (B, n, S, D)): zero-
 padded on the right of later dims when rows join. Each decode step passes them to the model
 by name: ``extras`` as their newest position (B, 1, ...), ``per_row`` whole. The engine's
-prefill fills neither for the models it handles today.
+prefill fills ``per_row`` for IDEFICS (``rows.prefill``: its image mask and image states).
 """
 
 from __future__ import annotations

@@ -9,9 +9,12 @@ generation thread owns the decode loop:
   left padding, their own positions: Qwen-VL's 3-D ones from ``get_rope_index``), their first
   token chosen, and merged into the running batch (``batchstate.BatchState``);
 - every step, one forward over the running batch feeds each row its newest token; each row
-  chooses its next token with its own settings (``sampling``), and ends on EOS, a stop string
-  (checked here, on the decoded tail, only for rows that have stop strings), its
-  max_new_tokens, cancel or deadline; ended rows leave the batch and their cache rows at once;
+  chooses its next token with its own settings and bad words (``sampling``), and ends on EOS
+  or one of its end tokens (``Work.rules``), a stop string (checked on the decoded tail, only
+  for rows that have stop strings), its max_new_tokens, cancel or deadline (``Row.record``);
+  ended rows leave the batch and their cache rows at once;
+- a beam search (``num_beams`` > 1) runs alone between two steps (``beams.beam_search``, as
+  the static engine runs it), the batch waiting with its cache;
 - the loop only appends token ids; ``streamer.Streamer`` detokenizes and sends them every
   ``stream_interval_ms`` or when a row ends, and resolves each job's future.
 
@@ -37,10 +40,11 @@ import torch
 
 from worker.engine.batchstate import BatchState
 from worker.engine.publisher import Publisher
-from worker.engine.rows import Row, over_budget, prefill
+from worker.engine.rows import Row, next_group, over_budget, prefill
 from worker.engine.sampling import choose
 from worker.engine.static import Engine
 from worker.engine.streamer import Streamer
+from worker.engine.work import Work
 from worker.errors import ResourceExhausted
 from worker.model.load import LoadedModel
 from worker.model.memory import is_sticky_cuda_error
@@ -49,7 +53,7 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("vlmq.engine")
 
 # model types whose cache, positions and vision inputs this engine handles (tested in the oracle)
-JOINABLE = {"idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+JOINABLE = {"idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics"}
 
 
 def create_engine(loaded: LoadedModel, settings: WorkerSettings, media: Any,
@@ -72,6 +76,7 @@ class ContinuousEngine(Engine):
                                  settings.stream_events)
         self.rows: list[Row] = []  # the running batch, in BatchState row order
         self.waiting: list[Row] = []  # prepared, not yet admitted (evicted rows first)
+        self.beams: list[Work] = []  # beam searches, run alone between two decode steps
         self.state: BatchState | None = None
         self.rope = getattr(getattr(model, "model", None), "get_rope_index", None)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
@@ -100,8 +105,11 @@ class ContinuousEngine(Engine):
                 return
             block = False
             try:
+                if work.request.params.num_beams > 1:
+                    self.beams.append(work)
+                    continue
                 self.waiting.append(Row.start(work, self.settings, self._decode,
-                                              self.loaded.device))
+                                              self.loaded.device, frozenset(self.eos_ids)))
             except Exception as error:  # its settings cannot run here: the job fails alone
                 work.future.set_exception(self._wrap(error))
 
@@ -112,6 +120,7 @@ class ContinuousEngine(Engine):
                 self._end_all(handback=True)
                 continue
             try:
+                self._search_beams()
                 self._admit()
                 if self.rows:
                     self._decode_step()
@@ -119,7 +128,17 @@ class ContinuousEngine(Engine):
                 self._crash(error)
         self._end_all(handback=True)
 
+    def _search_beams(self) -> None:
+        """Beam searches (``num_beams`` > 1) do not share a batch: each runs alone through the
+        static engine's path (``beams.beam_search``; its text published when it ends) while
+        the running batch waits with its cache, then decoding goes on."""
+        while self.beams:
+            self._run([self.beams.pop(0)])
+
     def _end_all(self, handback: bool) -> None:
+        for work in self.beams:
+            self._hand_back(work)
+        self.beams = []
         for row in self.rows + self.waiting:
             if handback:
                 row.work.handback = True
@@ -160,54 +179,25 @@ class ContinuousEngine(Engine):
                 self.waiting.remove(row)
                 row.work.future.set_exception(ResourceExhausted(why))
         while self.waiting:
-            group = self._next_group()
+            width = self.state.width if self.state is not None else 0
+            group = next_group(self.waiting, len(self.rows), width,
+                               self.row_cap - len(self.rows), self.settings)
             if not group:
                 return
             for row in group:
                 self.waiting.remove(row)
             self._prefill(group)
 
-    def _next_group(self) -> list[Row]:
-        """The oldest waiting row and those that can be prefilled with it, within budgets."""
-        settings = self.settings
-        room = self.row_cap - len(self.rows)
-        width = self.state.width if self.state is not None else 0
-        head = self.waiting[0]
-        if any(row.alone for row in self.rows) or head.alone:  # a batch of its own, in turn
-            return [head] if head.alone and not self.rows else []
-        keys = set(head.work.inputs)
-        group: list[Row] = []
-        pixels = 0
-        for row in self.waiting:
-            if len(group) >= room:
-                break
-            if row.alone or set(row.work.inputs) != keys:
-                continue
-            longest = max(width, row.length, *(r.length for r in group))
-            slots = (len(self.rows) + len(group) + 1) * longest
-            if slots > settings.max_batch_tokens or pixels + row.work.pixels > \
-                    settings.max_batch_pixels:
-                continue
-            group.append(row)
-            pixels += row.work.pixels
-        return group
-
     def _prefill(self, group: list[Row]) -> None:
+        started = time.time()
+        for row in group:  # the job's generation starts with its prefill (metrics: TTFT)
+            row.work.gen_started = row.work.gen_started or started
         try:
             state, logits = prefill(self.loaded, group, self.tokenizer.pad_token_id, self.rope)
+            for row in group:
+                row.work.prefill_ms = row.work.prefill_ms or (time.time() - started) * 1000
         except torch.OutOfMemoryError:
-            if self.loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(group) > 1:  # the newer half waits for the next boundary
-                half = len(group) // 2
-                self.waiting[:0] = group[half:]
-                self._prefill(group[:half])
-            elif self.rows:
-                self._evict_newest()
-                self._prefill(group)
-            else:
-                self._fail_rows(group, ResourceExhausted("out of memory in the prefill of a "
-                                                    "request that runs alone"))
+            self._prefill_out_of_memory(group)
             return
         except BaseException as error:
             if is_sticky_cuda_error(error):
@@ -215,9 +205,29 @@ class ContinuousEngine(Engine):
             log.warning("prefill failed for %s: %s", [r.work.job_id for r in group], error)
             self._fail_rows(group, error)
             return
+        self._merge(group, state, logits)
+
+    def _prefill_out_of_memory(self, group: list[Row]) -> None:
+        """The newer half waits for the next boundary; a row alone makes room by evicting the
+        newest running row, or fails when nothing else runs."""
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(group) > 1:
+            half = len(group) // 2
+            self.waiting[:0] = group[half:]
+            self._prefill(group[:half])
+        elif self.rows:
+            self._evict_newest()
+            self._prefill(group)
+        else:
+            self._fail_rows(group, ResourceExhausted("out of memory in the prefill of a "
+                                                     "request that runs alone"))
+
+    def _first_tokens(self, group: list[Row], logits: torch.Tensor) -> list[int]:
+        """Each prefilled row's newest token. A row resumed after an eviction knows its own:
+        only the others choose one (so a seeded row's generator draws exactly as often as
+        when it ran alone)."""
         now = time.time()
-        # a row resumed after an eviction knows its newest token: only the others choose one
-        # (so a seeded row's generator draws exactly as often as when it ran alone)
         fresh = [i for i, row in enumerate(group) if not row.live.ids]
         chosen = iter(choose(logits[fresh], [group[i].sampler for i in fresh],
                              [[] for _ in fresh])[0] if fresh else [])
@@ -228,10 +238,15 @@ class ContinuousEngine(Engine):
                 tokens.append(row.live.ids[-1])
             else:
                 tokens.append(next(chosen))
-                self._record(row, tokens[-1], now)
+                row.record(tokens[-1], now, self.eos_ids, self._decode)
             if not row.streaming:
                 row.streaming = True
                 self.streamer.add(row.live)
+        return tokens
+
+    def _merge(self, group: list[Row], state: BatchState, logits: torch.Tensor) -> None:
+        """Prefilled rows join the running batch (or start it) with their first tokens."""
+        tokens = self._first_tokens(group, logits)
         state.last = torch.tensor(tokens, device=state.mask.device).view(-1, 1)
         if self.state is None:
             self.state, self.rows = state, list(group)
@@ -270,25 +285,8 @@ class ContinuousEngine(Engine):
         state.advance(inputs["attention_mask"], chosen)
         now = time.time()
         for row, token in zip(self.rows, tokens, strict=True):
-            self._record(row, token, now)
+            row.record(token, now, self.eos_ids, self._decode)
         self._drop_ended()
-
-    def _record(self, row: Row, token: int, now: float) -> None:
-        """Append a row's new token and decide whether the row ends here."""
-        row.live.ids.append(token)
-        work = row.work
-        work.first_token_at = work.first_token_at or now
-        reason = None
-        if token in self.eos_ids or row.live.stop_seen or row.stop_in_tail(self._decode):
-            reason = "stop"
-        elif len(row.live.ids) >= row.limit:
-            reason = "length"
-        elif work.cancel.is_set():
-            reason = "cancelled"
-        elif now >= work.deadline:
-            reason = "deadline"
-        if reason is not None:
-            work.finish_reason = reason  # type: ignore[assignment]
 
     def _drop_ended(self) -> None:
         keep = [i for i, row in enumerate(self.rows) if row.work.finish_reason is None]

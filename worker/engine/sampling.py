@@ -1,20 +1,63 @@
 """Choosing each row's next token with its own settings, in one batch (torch only).
 
 Greedy rows without a repetition penalty take the batch's argmax (one op for all of them).
-Other rows go one by one, in Transformers' order: repetition penalty (over the prompt and the
-tokens generated so far), then for sampling rows temperature, top-k, top-p and a draw. A row
-with a ``seed`` draws from its own ``torch.Generator``, so a seeded job gives the same tokens
-whatever else shares its batch.
+A row's bad words are banned first (``BadWords``: generate's ``NoBadWordsLogitsProcessor`` for
+that row alone, so rows with different bad words share the batch). Other rows go one by one,
+in Transformers' order: repetition penalty (over the prompt and the tokens generated so far),
+then for sampling rows temperature, top-k, top-p and a draw. A row with a ``seed`` draws from
+its own ``torch.Generator``, so a seeded job gives the same tokens whatever else shares its
+batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from producer.schema import GenerationParams
+
+
+@dataclass(frozen=True)
+class BadWords:
+    """One row's banned token sequences, as ``generate``'s ``NoBadWordsLogitsProcessor`` bans
+    them: a one-token word is never chosen (unless it is an end-of-sequence id: generate drops
+    those from the list); the last token of a longer word is banned when the tokens before it
+    end the row's text so far (its prompt, then what it generated)."""
+
+    single: tuple[int, ...] = ()
+    after: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # prefix -> last ids
+    lengths: tuple[int, ...] = ()  # the prefix lengths in ``after``
+    context: tuple[int, ...] = ()  # the prompt's last tokens, as many as the longest prefix
+
+    @classmethod
+    def for_row(cls, words: Iterable[Sequence[int]], eos_ids: Iterable[int],
+                prompt: Sequence[int]) -> BadWords:
+        ends = set(eos_ids)
+        kept = [tuple(word) for word in words if word and not (len(word) == 1 and word[0] in ends)]
+        after: dict[tuple[int, ...], list[int]] = {}
+        for word in kept:
+            if len(word) > 1:
+                after.setdefault(word[:-1], []).append(word[-1])
+        lengths = tuple(sorted({len(prefix) for prefix in after}))
+        longest = lengths[-1] if lengths else 0
+        return cls(single=tuple(sorted({word[0] for word in kept if len(word) == 1})),
+                   after=after, lengths=lengths,
+                   context=tuple(prompt[-longest:]) if longest else ())
+
+    def __bool__(self) -> bool:
+        return bool(self.single or self.after)
+
+    def banned(self, generated: Sequence[int]) -> list[int]:
+        """The token ids this row may not choose next."""
+        out = list(self.single)
+        if self.lengths:
+            tail = (*self.context, *generated[-self.lengths[-1]:])
+            for length in self.lengths:
+                if length <= len(tail):
+                    out += self.after.get(tail[len(tail) - length:], ())
+        return out
 
 
 @dataclass
@@ -22,15 +65,16 @@ class RowSampler:
     params: GenerationParams
     prompt_ids: torch.Tensor  # (L,) the row's prompt, for the repetition penalty
     generator: torch.Generator | None = None
+    bad_words: BadWords = field(default_factory=BadWords)
 
     @classmethod
     def for_row(cls, params: GenerationParams, prompt_ids: torch.Tensor,
-                device: torch.device) -> RowSampler:
+                device: torch.device, bad_words: BadWords | None = None) -> RowSampler:
         generator = None
         if params.do_sample and params.seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(params.seed)
-        return cls(params, prompt_ids.to(device), generator)
+        return cls(params, prompt_ids.to(device), generator, bad_words or BadWords())
 
     @property
     def plain_greedy(self) -> bool:
@@ -72,8 +116,20 @@ class RowSampler:
 
 def choose(logits: torch.Tensor, samplers: Sequence[RowSampler],
            generated: Sequence[Sequence[int]]) -> tuple[list[int], torch.Tensor]:
-    """Each row's next token: ``logits`` (B, V) float32, one sampler and history per row.
+    """Each row's next token: ``logits`` (B, V) float32 (banned ids set to -inf in place), one
+    sampler and history per row.
     Returns them as a list and as a (B,) tensor on the logits' device."""
+    rows: list[int] = []
+    banned: list[int] = []
+    for i, sampler in enumerate(samplers):
+        if sampler.bad_words:
+            ids = sampler.bad_words.banned(generated[i])
+            rows += [i] * len(ids)
+            banned += ids
+    if banned:  # one masking op for the whole batch, in place (the model's output may be an
+        with torch.inference_mode():  # inference tensor: written to only in that mode)
+            logits[torch.tensor(rows, device=logits.device),
+                   torch.tensor(banned, device=logits.device)] = -float("inf")
     best = logits.argmax(dim=-1)
     tokens: list[int] = best.tolist()
     other = [i for i, sampler in enumerate(samplers) if not sampler.plain_greedy]
