@@ -1,7 +1,15 @@
 """vlmq producer: submit VLM jobs, poll them, stream their tokens. Light: no torch here."""
 
 from producer.client import Producer
-from producer.errors import InvalidRequestError, JobFailed, JobNotFound, JobTimeout, VlmqError
+from producer.errors import (
+    CorruptRecord,
+    IdempotencyConflict,
+    InvalidRequestError,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    VlmqError,
+)
 from producer.schema import (
     ErrorCode,
     ErrorInfo,
@@ -15,9 +23,11 @@ from producer.schema import (
 
 __all__ = [
     "AsyncProducer",
+    "CorruptRecord",
     "ErrorCode",
     "ErrorInfo",
     "GenerationParams",
+    "IdempotencyConflict",
     "InvalidRequestError",
     "JobFailed",
     "JobNotFound",

@@ -29,13 +29,21 @@ from producer.steps import Blocking, Op, call
 _CHUNK = 500
 
 
+def known(job_id: str) -> str:
+    """``job_id`` if it has the job id syntax (``keys.JOB_ID``); JobNotFound before Redis is
+    asked otherwise (no such job can exist)."""
+    if not isinstance(job_id, str) or not keys.JOB_ID.match(job_id):
+        raise JobNotFound(job_id)
+    return job_id
+
+
 class AdminCore:
     def __init__(self, ledger: LedgerConfig, broker: Broker) -> None:
         self.ledger = ledger
         self.broker = broker
 
     def status(self, job_id: str) -> Op[JobState]:
-        state = yield from records.state(job_id)
+        state = yield from records.state(known(job_id))
         if state is None:
             raise JobNotFound(job_id)
         return state
@@ -152,7 +160,7 @@ class AdminCore:
     def retry(self, job_id: str) -> Op[JobState]:
         """Run a FAILED or EXPIRED job again under the same id (attempts from 0, attempt history
         kept). Raises JobNotFound, or NotAllowed for a job in any other status."""
-        answer = yield from records.retry(job_id)
+        answer = yield from records.retry(known(job_id))
         if answer.outcome is RetryOutcome.MISSING:
             raise JobNotFound(job_id)
         if answer.outcome is not RetryOutcome.QUEUED:

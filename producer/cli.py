@@ -11,9 +11,11 @@ from typing import Any
 import kombu.exceptions
 import redis
 
-from producer import admin_cli, keys
+from producer import admin_cli, contract, keys
 from producer.client import Producer
 from producer.errors import (
+    CorruptRecord,
+    IdempotencyConflict,
     InvalidRequestError,
     JobFailed,
     JobNotFound,
@@ -22,7 +24,6 @@ from producer.errors import (
     ResultUnavailable,
 )
 from producer.s3 import S3Config
-from producer.schema import request_json_schema
 from producer.signing import SigningError
 
 
@@ -69,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--model", default=None, help="route to this model's queue")
     submit.add_argument("--ttl", type=float, default=None, dest="ttl_s",
                         help="seconds before an unfinished job expires")
-    submit.add_argument("--idempotency-key", default=None)
+    submit.add_argument("--idempotency-key", default=None,
+                        help="same key and same request: the first job's id, enqueued once; "
+                             "same key, another request: exit 10")
+    submit.add_argument("--idempotency-scope", default=None,
+                        help="namespace for --idempotency-key (e.g. this producer's name)")
     submit.add_argument("--wait", action="store_true", help="wait and print the result")
     submit.add_argument("--stream", action="store_true",
                         help="print tokens as they arrive, then the final status line")
@@ -86,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--after", type=int, default=None, help="start after this seq")
     stream.add_argument("--json", action="store_true", help="print each event as JSON")
     stream.add_argument("--timeout", type=float, default=600.0)
-    sub.add_parser("schema", help="print the JSON Schema of the wire contract")
+    schema = sub.add_parser("schema", help="print the wire contract: JSON Schemas (JobRequest "
+                            "as workers accept it), job id syntax, record fields, error codes")
+    schema.add_argument("--cancel-lua", action="store_true",
+                        help="print the cancel script instead (docs/cancel.lua)")
     admin_cli.add_parsers(sub)
     return parser
 
@@ -121,7 +129,7 @@ def _submit(producer: Producer, args: argparse.Namespace) -> int:
     messages = _read_json(args.messages)
     options: dict[str, Any] = {name: getattr(args, name) for name in (
         "max_new_tokens", "temperature", "do_sample", "seed", "stop", "model", "ttl_s",
-        "idempotency_key") if getattr(args, name) is not None}
+        "idempotency_key", "idempotency_scope") if getattr(args, name) is not None}
     params = {name: getattr(args, name) for name in ("bad_words", "end_tokens", "num_beams")
               if getattr(args, name) is not None}
     if params:
@@ -147,6 +155,8 @@ _EXITS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int, s
     (JobFailed, 4, ""),
     (NotAllowed, 6, ""),
     (ResultUnavailable, 7, ""),
+    (CorruptRecord, 9, ""),
+    (IdempotencyConflict, 10, ""),
     (SigningError, 8, "cannot sign: "),
     (redis.exceptions.AuthenticationError, 5,
      "Redis refused the credentials (authentication failed): "),
@@ -174,7 +184,10 @@ def _run(producer: Producer, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "schema":
-        _print(request_json_schema())
+        if args.cancel_lua:
+            print(contract.cancel_lua(), end="")
+        else:
+            _print(contract.document())
         return 0
     env = os.environ.get
     try:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from producer import records
-from producer.admin import AdminCore
+from producer.admin import AdminCore, known
 from producer.broker import Broker, queue_for_model
 from producer.errors import (
     InvalidRequestError,
@@ -108,9 +108,9 @@ class ClientCore(AdminCore):
     def result(self, job_id: str, timeout: float | None = None) -> Op[JobResult]:
         """The job's result once it ends (partial text for a cancelled one). JobFailed for a
         FAILED job, and an EXPIRED one without a partial result."""
-        yield from self.wait(job_id, timeout)
+        yield from self.wait(known(job_id), timeout)
         raw = (yield from records.raw(job_id)) or {}
-        state = parse_state(raw)
+        state = parse_state(raw, job_id)
         found = parse_result(raw)
         if found is None and state.result_uri and state.status != JobStatus.FAILED:
             found = yield Blocking(functools.partial(self.s3.read, state.result_uri))
@@ -126,7 +126,7 @@ class ClientCore(AdminCore):
         return str(url)
 
     def cancel(self, job_id: str) -> Op[str]:
-        answer = yield from records.cancel(self.ledger, job_id)
+        answer = yield from records.cancel(self.ledger, known(job_id))
         if answer.outcome is CancelOutcome.MISSING:
             raise JobNotFound(job_id)
         return answer.answer()
@@ -135,7 +135,7 @@ class ClientCore(AdminCore):
                timeout: float | None = None) -> Op[None]:
         """Emit the job's events from the start (or after seq ``after``), then live, until the
         terminal event; JobTimeout after ``timeout`` seconds without it."""
-        if (yield from records.raw(job_id)) is None:
+        if (yield from records.raw(known(job_id))) is None:
             raise JobNotFound(job_id)
         end = None if timeout is None else time.monotonic() + timeout
         last_id: Any = "0-0"

@@ -40,6 +40,25 @@ class JobNotFound(VlmqError, KeyError):
         return str(self.args[0])
 
 
+class IdempotencyConflict(VlmqError):
+    """The idempotency key already names a job with a different request; ``job_id`` is that
+    job. Use another key (or ``idempotency_scope``), or send the same request again."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        self.key, self.job_id = key, job_id
+        super().__init__(f"idempotency key {key!r} already names job {job_id} with a different "
+                         "request")
+
+
+class CorruptRecord(VlmqError):
+    """The job's record cannot be read as a job (its status is not a job status): it was
+    written around the producer. ``problems`` says what is wrong."""
+
+    def __init__(self, job_id: str, problems: list[str]) -> None:
+        self.job_id, self.problems = job_id, problems
+        super().__init__(f"job {job_id!r} has an unreadable record: {'; '.join(problems)}")
+
+
 class JobFailed(VlmqError):
     """The job ended FAILED or EXPIRED without a result; ``error`` says why."""
 

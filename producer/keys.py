@@ -5,7 +5,11 @@ the job keys, streams and indexes; queue names per model live in ``producer.brok
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "vlmq"
+# the syntax of a job id (what a producer makes, what a worker accepts in a task message)
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "vlmq"
 TASK_GENERATE = "vlmq.generate"
@@ -42,8 +46,14 @@ def job_keys(job_id: str) -> list[str]:
             QUEUED_INDEX, RUNNING_INDEX, TERMINAL_INDEX]
 
 
-def idempotency_key(key: str) -> str:
-    return f"{PREFIX}:idem:{key}"
+# the job scripts' KEYS with ``{id}`` in place of a job id: what the contract documents
+JOB_KEYS_DOC = job_keys("{id}")
+
+
+def idempotency_key(key: str, scope: str | None = None) -> str:
+    """String ``{job id} {sha256 hex of the request JSON}``; with a scope (no ``:`` in it) the
+    key is namespaced: ``vlmq:idem@{scope}:{key}``."""
+    return f"{PREFIX}:idem@{scope}:{key}" if scope else f"{PREFIX}:idem:{key}"
 
 
 def worker_key(worker_id: str) -> str:

@@ -8,12 +8,15 @@ only code that names the job keys; everything else asks them.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from producer import keys, scripts
+from producer import fields, keys, scripts
+from producer.errors import CorruptRecord, IdempotencyConflict
 from producer.events import event_body, new_events, parse_event
 from producer.replies import (
     Append,
@@ -42,6 +45,7 @@ from producer.steps import Batch, Eval, Op, call
 if TYPE_CHECKING:
     from producer.signing import Signer
 
+log = logging.getLogger("vlmq.ledger")
 DEFAULT_RETENTION_S = 86_400
 DEFAULT_STREAM_MAXLEN = 10_000
 
@@ -88,8 +92,7 @@ def _now() -> str:
     return repr(time.time())
 
 
-def _decode(raw: dict[Any, Any]) -> dict[str, str]:
-    return {text(k): text(v) for k, v in raw.items()}
+_decode = fields.decode  # undecodable bytes kept (as lone surrogates) for fields.problems
 
 
 # -- the record ----------------------------------------------------------------------------
@@ -104,19 +107,25 @@ def new_record(job_id: str, request: JobRequest, queue: str, now: float,
     if request.ttl_s is not None:
         fields["deadline_at"] = repr(now + request.ttl_s)
     if signer is not None:
-        fields.update(signer.sign_record(job_id, queue, fields["request"]))
+        fields.update(signer.sign_record(job_id, keys.job_key(job_id), queue, fields["request"]))
     return fields
 
 
 def create(cfg: LedgerConfig, job_id: str, request: JobRequest, queue: str) -> Op[Created]:
-    """Write a QUEUED record (and index it); an idempotency hit answers the first job's id."""
+    """Write a QUEUED record (and index it); an idempotency hit answers the first job's id, or
+    raises IdempotencyConflict when the key's entry holds another request's hash."""
     now = time.time()
     fields = new_record(job_id, request, queue, now, cfg.signer)
-    idem = keys.idempotency_key(request.idempotency_key) if request.idempotency_key else ""
+    idem = keys.idempotency_key(request.idempotency_key, request.idempotency_scope) \
+        if request.idempotency_key else ""
+    digest = hashlib.sha256(fields["request"].encode()).hexdigest()
     flat = [item for pair in fields.items() for item in pair]
     created, found = yield Eval(scripts.CREATE, (keys.job_key(job_id), idem, keys.QUEUED_INDEX),
-                                (job_id, repr(now), cfg.retention_s, *flat))
-    return Created(bool(created), text(found))
+                                (job_id, repr(now), cfg.retention_s, digest, *flat))
+    first, _, stored = text(found).partition(" ")
+    if stored and stored != digest:
+        raise IdempotencyConflict(request.idempotency_key or "", first)
+    return Created(bool(created), first)
 
 
 def raw(job_id: str) -> Op[dict[str, str] | None]:
@@ -126,15 +135,22 @@ def raw(job_id: str) -> Op[dict[str, str] | None]:
 
 def state(job_id: str) -> Op[JobState | None]:
     found = yield from raw(job_id)
-    return parse_state(found) if found else None
+    return parse_state(found, job_id) if found else None
 
 
 def states(ids: list[str]) -> Op[list[JobState]]:
-    """The states of these jobs (those still recorded), in one round trip."""
+    """The states of these jobs (those still recorded), in one round trip; a record that is
+    not a job (``CorruptRecord``) is skipped and logged."""
     if not ids:
         return []
     found = yield Batch(tuple(call("HGETALL", keys.job_key(i)) for i in ids))
-    return [parse_state(_decode(item)) for item in found if item]
+    readable = []
+    for job_id, item in zip(ids, found, strict=True):
+        try:
+            readable.extend([parse_state(_decode(item), job_id)] if item else [])
+        except CorruptRecord as error:
+            log.warning("skipped: %s", error)
+    return readable
 
 
 # -- a job's run (workers) -----------------------------------------------------------------
@@ -146,15 +162,15 @@ def claim(cfg: LedgerConfig, job_id: str, worker: str, lease_s: float,
     lost = ErrorInfo(code=ErrorCode.WORKER_LOST, message=(
         f"the job was started {max_attempts} times and its worker was lost each time"))
     invalid = ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=(
-        "the job record's attempts or fence is not a number (written around the producer?); "
-        "reset to 0"))
+        "the job record was written around the producer: a counter or time that is not a "
+        "number, or a finished job set back to run by hand"))
     reply = yield Eval(scripts.CLAIM, tuple(keys.job_keys(job_id)), (
         job_id, _now(), cfg.retention_s, cfg.stream_maxlen, lease_s, worker, max_attempts,
         event_body(job_id, "cancelled", finish_reason="cancelled"),
         event_body(job_id, "cancelled", finish_reason="deadline"),
         event_body(job_id, "error", error=lost), lost.model_dump_json(),
         event_body(job_id, "error", error=invalid), invalid.model_dump_json()))
-    return Claim.parse(reply)
+    return Claim.parse(reply, keys.job_key(job_id))
 
 
 def heartbeat(job_id: str, fence: int, lease_s: float) -> Op[Heartbeat]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
-from producer import keys
-from producer.answers import ErrorInfo, JobResult, JobState, JobStatus
+from pydantic import ValidationError
+
+from producer import fields, keys
+from producer.answers import FinishReason, JobResult, JobState, JobStatus
+from producer.errors import CorruptRecord, ResultUnavailable
 
 
 def text(value: Any) -> str:
@@ -16,46 +19,50 @@ def text(value: Any) -> str:
 
 
 def read_time(value: str | None) -> float | None:
-    """A timestamp field; a record written around the producer may hold garbage: None."""
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
+    """A timestamp field; garbage, NaN or infinity: None (``producer.fields``)."""
+    return fields.finite(value)
 
 
 def status_of(value: Any) -> JobStatus | None:
     """A status field; one written around the producer may be no status at all: None."""
-    found = text(value)
-    return JobStatus(found) if found in JobStatus.__members__ else None
+    return fields.status(text(value))
 
 
-def _int(value: str | None) -> int:
-    """A counter field; garbage reads as 0 until a claim resets it and fails the job."""
-    try:
-        return int(value or "0")
-    except ValueError:
-        return 0
+def parse_state(raw: dict[str, str], job_id: str | None = None) -> JobState:
+    """The record hash (``fields.decode``) as the public JobState, tolerantly: garbage reads as
+    absent. CorruptRecord (typed) only when its status is not a job status."""
+    found = fields.status(raw.get("status"))
+    name = fields.clean(job_id or raw.get("id") or "")
+    if found is None:
+        raise CorruptRecord(name, fields.problems(raw))
+    reason = raw.get("finish_reason")
 
+    def opt(key: str) -> str | None:
+        return fields.clean(raw.get(key) or "") or None
 
-def parse_state(raw: dict[str, str]) -> JobState:
-    """Turn the record hash (decoded to str) into the public JobState."""
-    error = raw.get("error")
     return JobState(
-        job_id=raw["id"], status=JobStatus(raw["status"]),
-        queue=raw.get("queue", keys.DEFAULT_QUEUE), model=raw.get("model") or None,
-        created_at=float(raw["created_at"]), started_at=read_time(raw.get("started_at")),
-        finished_at=read_time(raw.get("finished_at")),
-        deadline_at=read_time(raw.get("deadline_at")), attempts=_int(raw.get("attempts")),
-        worker=raw.get("worker") or None, cancel_requested=raw.get("cancel") == "1",
-        finish_reason=raw.get("finish_reason") or None,  # type: ignore[arg-type]
-        error=ErrorInfo.model_validate_json(error) if error else None,
-        result_uri=raw.get("result_uri") or None,
+        job_id=name, status=found, queue=opt("queue") or keys.DEFAULT_QUEUE, model=opt("model"),
+        created_at=fields.finite(raw.get("created_at")) or 0.0,
+        started_at=fields.finite(raw.get("started_at")),
+        finished_at=fields.finite(raw.get("finished_at")),
+        deadline_at=fields.finite(raw.get("deadline_at")),
+        attempts=fields.counter(raw.get("attempts")), worker=opt("worker"),
+        cancel_requested=raw.get("cancel") == "1",
+        finish_reason=reason if reason in get_args(FinishReason) else None,  # type: ignore[arg-type]
+        error=fields.error(raw.get("error")), result_uri=opt("result_uri"),
     )
 
 
 def parse_result(raw: dict[str, str]) -> JobResult | None:
+    """The ``result`` field; one that does not parse is ResultUnavailable (typed)."""
     body = raw.get("result")
-    return JobResult.model_validate_json(body) if body else None
+    if not body:
+        return None
+    try:
+        return JobResult.model_validate_json(body)
+    except ValidationError:
+        raise ResultUnavailable(f"job {fields.clean(raw.get('id') or '')}: its result field "
+                                "is not a result") from None
 
 
 class Created(NamedTuple):
@@ -93,6 +100,7 @@ class Claim:
     next_seq: int = 0  # where the stream goes on
     sent: str = ""  # text earlier attempts already streamed
     record: dict[str, str] = field(default_factory=dict)  # the record's fields (signatures too)
+    key: str = ""  # where the record lives (what its signature covers)
 
     @property
     def request(self) -> str | None:
@@ -101,6 +109,12 @@ class Claim:
     @property
     def queue(self) -> str:
         return self.record.get("queue") or ""
+
+    @property
+    def problems(self) -> list[str]:
+        """What is wrong with the claimed record (``producer.fields``); the task fails the job
+        INVALID_REQUEST when anything is."""
+        return fields.problems(self.record)
 
     @property
     def created_at(self) -> float:
@@ -112,13 +126,14 @@ class Claim:
         return float("inf") if found is None else found
 
     @classmethod
-    def parse(cls, reply: list[Any]) -> Claim:
+    def parse(cls, reply: list[Any], key: str = "") -> Claim:
         outcome = ClaimOutcome(text(reply[0]))
         if outcome is not ClaimOutcome.CLAIMED:
-            return cls(outcome)
-        pairs = [text(item) for item in reply[5:]]
+            return cls(outcome, key=key)
+        pairs = [fields.as_str(item) for item in reply[5:]]
         return cls(outcome, fence=int(reply[1]), attempt=int(reply[2]), next_seq=int(reply[3]),
-                   sent=text(reply[4]), record=dict(zip(pairs[::2], pairs[1::2], strict=True)))
+                   sent=text(reply[4]), record=dict(zip(pairs[::2], pairs[1::2], strict=True)),
+                   key=key)
 
 
 class Heartbeat(IntEnum):

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticSerializationError
 
 from producer import sources
 from producer.answers import (
@@ -180,6 +181,10 @@ class JobRequest(WireModel):
     result_store: Literal["redis", "s3"] = "redis"
     ttl_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
     idempotency_key: str | None = Field(None, min_length=1, max_length=128)
+    idempotency_scope: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+        description="a namespace for idempotency_key (one per producer): the same key in two "
+                    "scopes names two jobs")
     max_pixels: int | None = Field(None, ge=28 * 28, le=100_000_000)
     metadata: dict[str, str] = Field(default_factory=dict)
 
@@ -226,6 +231,15 @@ class JobRequest(WireModel):
         if len(self.image_sources()) > limits.max_images:
             raise ValueError(f"{name}: at most {limits.max_images} images per job")
         _check_metadata(self.metadata, limits)
+        return self
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> JobRequest:
+        """Text that JSON (UTF-8) cannot carry, such as a lone surrogate, is refused here."""
+        try:
+            self.model_dump_json()
+        except PydanticSerializationError:
+            raise ValueError("text is not valid Unicode (it holds a lone surrogate)") from None
         return self
 
     def all_parts(self) -> list[TextPart | ImagePart]:

@@ -65,21 +65,31 @@ local function terminal(status)
   return status ~= 'QUEUED' and status ~= 'RUNNING'
 end
 
+-- a counter HINCRBY takes and a double holds exactly: 0, or no leading zero and <= 15 digits
 local function counter_ok(name)
   local value = redis.call('HGET', JOB, name)
-  return not value or string.match(value, '^%d+$') ~= nil
+  return not value or value == '0' or (#value <= 15 and string.match(value, '^[1-9]%d*$') ~= nil)
+end
+
+-- a timestamp field: absent, or a finite number (not NaN, not infinite)
+local function time_ok(name)
+  local value = redis.call('HGET', JOB, name)
+  if not value then return true end
+  local number = tonumber(value)
+  return number ~= nil and number == number and number > -math.huge and number < math.huge
 end
 """
 
-# KEYS: job, idem ('' for none), queued index. ARGV: id, created_at, idem_ttl, field/value pairs.
+# KEYS: job, idem ('' for none), queued index. ARGV: id, created_at, idem_ttl, request hash,
+# field/value pairs. The idem key holds "{id} {request hash}"; a hit answers {0, that value}.
 CREATE = Script("create", r"""
 if KEYS[2] ~= '' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {0, existing} end
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+  redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. ARGV[4], 'EX', ARGV[3])
 end
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return {1, ARGV[1]}
@@ -95,8 +105,8 @@ local job_id, now, retention, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local status = redis.call('HGET', JOB, 'status')
 if not status then return {'missing'} end
 if terminal(status) then return {'terminal'} end
-if status == 'RUNNING' then
-  local lease = tonumber(redis.call('HGET', JOB, 'lease_until') or '0') or 0
+if status == 'RUNNING' and time_ok('lease_until') then
+  local lease = tonumber(redis.call('HGET', JOB, 'lease_until') or '0')
   if lease > tonumber(now) then return {'busy'} end
 end
 if redis.call('HGET', JOB, 'cancel') == '1' then
@@ -112,9 +122,14 @@ if deadline and tonumber(now) >= deadline then
   emit(ARGV[9], now, maxlen)
   return {'expired'}
 end
--- counters written around the producer: reset so the record stays usable, fail the job
-if not (counter_ok('attempts') and counter_ok('fence')) then
-  for _, name in ipairs({'attempts', 'fence'}) do
+-- fields this script counts with, written around the producer: fail the job (counters are
+-- reset so the record stays usable)
+-- a record that ended carries finished_at until RETRY clears it: one set back to QUEUED or
+-- RUNNING by hand would run a finished (signed) job again, so it ends here instead
+local valid = not redis.call('HGET', JOB, 'finished_at') and time_ok('lease_until')
+  and time_ok('deadline_at') and time_ok('created_at')
+if not (valid and counter_ok('attempts') and counter_ok('fence') and counter_ok('tokens')) then
+  for _, name in ipairs({'attempts', 'fence', 'tokens'}) do
     if not counter_ok(name) then redis.call('HSET', JOB, name, 0) end
   end
   redis.call('HSET', JOB, 'error', ARGV[13])
@@ -233,7 +248,8 @@ local status = redis.call('HGET', JOB, 'status')
 if not status then return {'missing'} end
 if status ~= 'FAILED' and status ~= 'EXPIRED' then return {'refused', status} end
 local now = ARGV[2]
-local retries = redis.call('HINCRBY', JOB, 'retries', 1)
+local retries = (tonumber(redis.call('HGET', JOB, 'retries') or '0') or 0) + 1
+redis.call('HSET', JOB, 'retries', retries)
 local entry = {retry = retries, at = tonumber(now), previous_status = status,
   previous_attempts = tonumber(redis.call('HGET', JOB, 'attempts') or '0')}
 local err = redis.call('HGET', JOB, 'error')

@@ -4,11 +4,24 @@ A producer given a private key and its X.509 certificate (RSA, PEM) sends its ta
 Celery's message-signing serializer (``celery.security``: the body, RSA-PSS over SHA-256, the
 signer named by the certificate's issuer and serial number), and adds two fields to each job
 record it writes: ``signer`` (that id) and ``sig`` (base64 RSA-PSS signature of
-``record_payload``: the job id, its queue and the request JSON). A worker with a certificate
-store accepts only ``auth`` messages signed by a certificate in the store, and runs only records
-whose signature verifies, so neither a forged message nor a record written straight into Redis
-(which the reconciler would otherwise send on) runs. Needs ``cryptography`` (``vlmq[signing]``);
-this module imports it only when signing is configured.
+``record_payload``: the job id, the key the record lives under, its queue and the request
+JSON). A worker with a certificate store accepts only ``auth`` messages signed by a certificate
+in the store, and runs only records whose signature verifies for the job it claimed, so neither a
+forged message nor a record written straight into Redis (which the reconciler would otherwise
+send on) runs, and a signed record copied under another job's key does not run either: the
+worker verifies against the id it claimed (``verify_record(raw, job_id)``), never the record's
+own ``id`` field.
+
+One run: a signed record that has ended cannot run again by having its status set back by hand.
+That is checked in the ledger's Lua (``producer.scripts`` CLAIM: a record carrying
+``finished_at`` ended, and only RETRY, which clears it, may queue it again; otherwise the claim
+ends it FAILED/INVALID_REQUEST), not with a signed run nonce: a nonce needs a list of spent
+nonces, and that list would live in the same Redis the writer can edit, so it proves no more than
+the transition check does, at the cost of re-signing on every retry. Neither can stop a writer
+who may run any command on the job keys from also deleting ``finished_at``; against that, give
+producers and workers Redis ACL users and nobody else write access to ``vlmq:job:*``
+(docs/operations.md). Needs ``cryptography`` (``vlmq[signing]``); this module imports it only
+when signing is configured.
 """
 
 from __future__ import annotations
@@ -22,16 +35,18 @@ from typing import Any
 
 from producer.errors import VlmqError
 
-RECORD_VERSION = b"vlmq-record-v1"
+RECORD_VERSION = b"vlmq-record-v2"
 
 
 class SigningError(VlmqError):
     """A key, certificate or store that cannot be used, or a record that does not verify."""
 
 
-def record_payload(job_id: str, queue: str, request_json: str) -> bytes:
-    """The bytes a record signature covers: version, job id, queue and request, NUL-separated."""
-    return b"\0".join([RECORD_VERSION, job_id.encode(), queue.encode(), request_json.encode()])
+def record_payload(job_id: str, key: str, queue: str, request_json: str) -> bytes:
+    """The bytes a record signature covers: version, job id, the record's key (the ledger's
+    ``vlmq:job:{id}``), queue and request, NUL-separated."""
+    return b"\0".join([RECORD_VERSION, job_id.encode(), key.encode(), queue.encode(),
+                       request_json.encode()])
 
 
 def _pss() -> Any:
@@ -97,9 +112,9 @@ class Signer:
 
         return bytes(self._key.sign(data, _pss(), hashes.SHA256()))
 
-    def sign_record(self, job_id: str, queue: str, request_json: str) -> dict[str, str]:
-        """The ``signer`` and ``sig`` fields to add to a new job record."""
-        signature = self.sign(record_payload(job_id, queue, request_json))
+    def sign_record(self, job_id: str, key: str, queue: str, request_json: str) -> dict[str, str]:
+        """The ``signer`` and ``sig`` fields to add to a new job record stored at ``key``."""
+        signature = self.sign(record_payload(job_id, key, queue, request_json))
         return {"signer": self.signer_id, "sig": base64.b64encode(signature).decode()}
 
     def serializer(self) -> str:
@@ -141,8 +156,9 @@ class Verifier:
     def knows(self, signer_id: str) -> bool:
         return signer_id in self._certs
 
-    def verify_record(self, raw: dict[str, str]) -> None:
-        """Raise SigningError unless ``raw`` carries a valid signature by a known signer."""
+    def verify_record(self, raw: dict[str, str], job_id: str, key: str) -> None:
+        """Raise SigningError unless ``raw``, read from job ``job_id``'s ``key``, carries a
+        valid signature of that job at that key by a known signer."""
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import hashes
 
@@ -154,7 +170,10 @@ class Verifier:
             raise SigningError(f"the job record is signed by an unknown certificate {signer!r}")
         if cert.not_valid_after_utc <= datetime.now(UTC):
             raise SigningError(f"the signer's certificate {signer!r} has expired")
-        payload = record_payload(raw.get("id", ""), raw.get("queue", ""), raw.get("request", ""))
+        if raw.get("id") != job_id:
+            raise SigningError("the job record's id is not the job claimed (a record copied "
+                               "from another job)")
+        payload = record_payload(job_id, key, raw.get("queue", ""), raw.get("request", ""))
         try:
             cert.public_key().verify(base64.b64decode(sig), payload, _pss(), hashes.SHA256())
         except (InvalidSignature, ValueError):

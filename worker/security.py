@@ -9,6 +9,16 @@
   type (pickle, YAML, msgpack, or unsigned JSON under signing) is refused before its body is
   decoded, logged ("Received invalid task message ... Refusing to deserialize") and rejected
   without requeue, i.e. dropped.
+- ``only_generate(app, refused)``: every task but ``vlmq.generate`` is unregistered, Celery's
+  built-ins included (``celery.map``, ``celery.starmap``, ``celery.chunks``, ``celery.group``,
+  ``celery.chain``, ``celery.chord``, ``celery.chord_unlock``, ``celery.accumulate``,
+  ``celery.backend_cleanup``): a message naming one is an unregistered task, which Celery logs
+  and rejects without requeue (dropped); it is counted (``task_unknown``), as are messages
+  Celery rejects before they reach a task (``task_rejected``).
+- ``check(request, args, kwargs, refused)``: a ``vlmq.generate`` message carries exactly one
+  string argument in the job id syntax, no keyword arguments and no callbacks, errbacks, chain
+  or chord (which Celery would apply after the task: another job sent from inside the worker);
+  anything else raises ``Reject(requeue=False)``: dropped unrun, no callback or errback runs.
 - ``record_check(settings)``: with signing, the check ``worker.tasks`` runs on each claimed
   record: a record not signed by a certificate in the store fails INVALID_REQUEST, unrun.
 - ``preflight(settings)``: before the model loads, the reasons this worker cannot start: signing
@@ -25,7 +35,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from celery import Celery, signals
+from celery.exceptions import Reject
 
+from producer import keys
 from producer.broker import broker_ssl
 from producer.signing import Signer, SigningError, Verifier
 from worker.errors import InvalidRequest
@@ -69,15 +82,55 @@ def configure(app: Any, settings: WorkerSettings) -> None:
     app.setup_security()
 
 
-def record_check(settings: WorkerSettings) -> Callable[[dict[str, str]], None] | None:
-    """With signing: a check raising InvalidRequest for a record without a trusted signature."""
+Refused = Callable[[str], object]  # counts a refusal by reason
+EXTRAS = ("callbacks", "errbacks", "chain", "chord")
+
+
+def only_generate(app: Celery, refused: Refused) -> None:
+    for name in [name for name in app.tasks if name != keys.TASK_GENERATE]:
+        app.tasks.unregister(name)
+
+    def unknown(name: str = "", **_: Any) -> None:
+        log.warning("refused a task message for %.100r: this worker runs only %s", name,
+                    keys.TASK_GENERATE)
+        refused("unknown_task")
+
+    signals.task_unknown.connect(unknown, weak=False)
+    signals.task_rejected.connect(lambda **_: refused("rejected"), weak=False)
+
+
+def refusal(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why this ``vlmq.generate`` message is refused, or None."""
+    extras = [name for name in EXTRAS if getattr(request, name, None)]
+    if extras:
+        return "carries " + ", ".join(extras)
+    if kwargs or len(args) != 1 or not isinstance(args[0], str) or not keys.JOB_ID.match(args[0]):
+        return "arguments other than one job id"
+    return None
+
+
+def check(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+          refused: Refused | None) -> None:
+    why = refusal(request, args, kwargs)
+    if why is None:
+        return
+    log.warning("refused a %s message (%s): args=%.200r kwargs=%.200r", keys.TASK_GENERATE, why,
+                args, kwargs)
+    if refused is not None:
+        refused("callbacks" if why.startswith("carries") else "malformed")
+    raise Reject(why, requeue=False)
+
+
+def record_check(settings: WorkerSettings) -> Callable[[str, str, dict[str, str]], None] | None:
+    """With signing: a check raising InvalidRequest for a record (of the job id claimed)
+    without a trusted signature of that job."""
     if not settings.signing() or not settings.security_cert_store:
         return None
     verifier = Verifier(settings.security_cert_store)
 
-    def check(raw: dict[str, str]) -> None:
+    def check(job_id: str, key: str, raw: dict[str, str]) -> None:
         try:
-            verifier.verify_record(raw)
+            verifier.verify_record(raw, job_id, key)
         except SigningError as error:
             raise InvalidRequest(f"refused: {error}; this worker runs only jobs signed by a "
                                  "producer whose certificate is in its store") from None

@@ -33,7 +33,7 @@ from worker.ops.metrics import Metrics
 from worker.ops.probes import Probes
 from worker.ops.reconciler import Reconciler, amqp_depth
 from worker.results import ResultStore
-from worker.security import record_check
+from worker.security import only_generate, record_check
 from worker.settings import WorkerSettings
 from worker.tasks import Runtime, register
 
@@ -75,6 +75,7 @@ class Service:
                  settings.broker())
         app = create_app(settings)
         register(app, runtime)
+        only_generate(app, metrics.refused_message)  # celery.map and the like: refused
         broker = settings.broker()
         broker_redis = (redis.Redis.from_url(broker)
                         if broker.startswith(("redis://", "rediss://", "unix://")) else None)
@@ -83,7 +84,8 @@ class Service:
                 TASK_GENERATE, args=[job_id], task_id=job_id, queue=broker_queue(queue, broker)),
             worker_id=worker_id, interval_s=settings.reconcile_interval_s,
             grace_s=settings.requeue_grace_s, broker=broker_redis,
-            depth=None if broker_redis is not None else amqp_depth(app.connection_for_read))
+            depth=None if broker_redis is not None else amqp_depth(app.connection_for_read),
+            on_quarantine=lambda _job_id: metrics.quarantined.inc())
         runtime.resend = reconciler.send
         admin = AdminCore(ledger.config, Broker(app, broker))
         metrics.bind(loaded, media, lambda: list(runtime.active.values()),

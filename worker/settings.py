@@ -92,6 +92,8 @@ class WorkerSettings(BaseSettings):
     user_agent: str = "vlmq-worker/0.1 (+image fetcher)"
     image_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)
     fetch_concurrency: int = Field(4, ge=1, le=32)  # threads fetching/decoding one job's images
+    fetch_jobs: int = Field(16, ge=1, le=256)  # jobs fetching remote images at once (own pool)
+    fetch_per_host: int = Field(4, ge=1, le=64)  # fetches in flight per host:port
 
     # S3 (image sources and results)
     s3_endpoint_url: str | None = None

@@ -10,7 +10,6 @@ way the job ends FAILED and the worker keeps serving.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from producer import keys
 from producer.jobs import Ending, Ledger
 from producer.replies import Claim, ClaimOutcome, Heartbeat
 from producer.schema import ErrorCode, ErrorInfo, JobRequest, JobResult, JobStatus, Limits
+from worker import security
 from worker.engine.static import Engine
 from worker.engine.work import Outcome, Work
 from worker.errors import InvalidRequest, JobError
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from worker.results import ResultStore
 
 log = logging.getLogger("vlmq.tasks")
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _STATUS_BY_REASON = {"stop": JobStatus.SUCCEEDED, "length": JobStatus.SUCCEEDED,
                      "cancelled": JobStatus.CANCELLED, "deadline": JobStatus.EXPIRED}
 # claims that ended the job: error code, and why (for the log)
@@ -65,7 +64,7 @@ class Runtime:
 
     resend: Callable[[str, str], None] | None = None  # (job_id, queue): send the task again
     # signing on: raises InvalidRequest for a record no trusted producer signed (worker.security)
-    check_record: Callable[[dict[str, str]], None] | None = None
+    check_record: Callable[[str, str, dict[str, str]], None] | None = None  # id, key, record
 
     def drain(self) -> None:
         """Shutting down: stop every job in hand at its next step and hand it back."""
@@ -90,13 +89,16 @@ class Runtime:
 
 
 def register(app: Celery, runtime: Runtime) -> None:
-    @app.task(name=keys.TASK_GENERATE, ignore_result=True)
-    def generate(*args: Any, **kwargs: Any) -> None:
+    refused = runtime.metrics.refused_message if runtime.metrics is not None else None
+
+    @app.task(name=keys.TASK_GENERATE, ignore_result=True, bind=True)
+    def generate(self: Any, *args: Any, **kwargs: Any) -> None:
+        security.check(self.request, args, kwargs, refused)  # or Reject: dropped, no callbacks
         run_job(runtime, args, kwargs)
 
 
 def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskOutcome:
-    if kwargs or len(args) != 1 or not isinstance(args[0], str) or not _JOB_ID.match(args[0]):
+    if kwargs or len(args) != 1 or not isinstance(args[0], str) or not keys.JOB_ID.match(args[0]):
         log.warning("dropped a malformed task message: args=%.200r kwargs=%.200r", args, kwargs)
         return None
     job_id = args[0]
@@ -136,8 +138,10 @@ def _run(rt: Runtime, job_id: str, claim: Claim) -> TaskOutcome:
     log.info("job %s RUNNING fence=%d", job_id, claim.fence,
              extra={"job_id": job_id, "status": "RUNNING", "fence": claim.fence})
     try:
+        if claim.problems:  # a record written around the producer (producer.fields)
+            raise InvalidRequest("the job record is unreadable: " + "; ".join(claim.problems))
         if rt.check_record is not None:
-            rt.check_record(claim.record)
+            rt.check_record(job_id, claim.key, claim.record)
         work = Work(job_id=job_id, fence=claim.fence,
                     request=_decode_request(claim.request, rt.settings),
                     created_at=claim.created_at, deadline=claim.deadline,

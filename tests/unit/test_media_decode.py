@@ -406,3 +406,21 @@ def test_s3_sources():
         closed = MediaLoader(make_settings(**overrides))
         with pytest.raises(ImageUrlForbidden, match="VLMQ_S3_ALLOWED_BUCKETS"):
             closed.load("s3://imgs/a/b.png", max_pixels=None, deadline=later())
+
+
+@pytest.mark.parametrize("kind,prefix", [(b"zTXt", b"k\0\0"), (b"iCCP", b"p\0\0")])
+@pytest.mark.parametrize("where", ["before-idat", "after-idat"])
+def test_compressed_chunk_bombs_are_too_large(kind: bytes, prefix: bytes, where: str) -> None:
+    """A text or colour-profile chunk that inflates past Pillow's limit is a bomb, as the error
+    table says (IMAGE_TOO_LARGE), wherever it sits."""
+    import zlib
+
+    from tests.conftest import make_image
+    from tests.hostile import png_chunk
+    from worker.errors import ImageTooLarge
+
+    png = make_image(8, 8, 1)
+    at = (png.index(b"IDAT") if where == "before-idat" else png.index(b"IEND")) - 4
+    chunk = png_chunk(kind, prefix + zlib.compress(b"\0" * (50 * 1024 * 1024), 9))
+    with pytest.raises(ImageTooLarge, match="decompression bomb"):
+        decode_image(png[:at] + chunk + png[at:], max_pixels=10**6)

@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from producer import contract
 from producer.client import build_request
 from producer.errors import InvalidRequestError
 from producer.jobs import parse_state
-from producer.schema import JobRequest, Limits, request_json_schema
+from producer.schema import JobRequest, Limits
 
 PNG_URI = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
 
@@ -122,7 +123,7 @@ def test_schema_command_prints_json_schema() -> None:
     out = subprocess.run([sys.executable, "-m", "producer", "schema"], check=True,
                          capture_output=True, text=True).stdout
     doc = json.loads(out)
-    assert doc == json.loads(json.dumps(request_json_schema()))
+    assert doc == json.loads(json.dumps(contract.document()))
     assert {"messages", "prompt_parts"} <= set(doc["models"]["JobRequest"]["properties"])
 
 

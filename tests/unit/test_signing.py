@@ -38,19 +38,32 @@ def _record(signer: Signer | None) -> dict[str, str]:
 def test_a_signed_record_verifies_and_any_change_breaks_it(keys: dict[str, str]) -> None:
     record = _record(Signer(keys["key"], keys["cert"]))
     verifier = Verifier(keys["store"])
-    verifier.verify_record(record)
+    verifier.verify_record(record, "job-1", "vlmq:job:job-1")
     for field, value in (("request", record["request"].replace("hi", "ho")),
-                         ("queue", "vlmq.other"), ("id", "job-2")):
+                         ("queue", "vlmq.other")):
         with pytest.raises(SigningError, match="does not verify"):
-            verifier.verify_record({**record, field: value})
+            verifier.verify_record({**record, field: value}, "job-1", "vlmq:job:job-1")
+
+
+def test_a_signed_record_is_bound_to_its_job_id(keys: dict[str, str]) -> None:
+    """A's signed fields copied into C's key do not verify as C, whatever the id field says."""
+    record = _record(Signer(keys["key"], keys["cert"]))
+    verifier = Verifier(keys["store"])
+    with pytest.raises(SigningError, match="not the job claimed"):
+        verifier.verify_record(record, "job-2", "vlmq:job:job-2")
+    with pytest.raises(SigningError, match="does not verify"):
+        verifier.verify_record({**record, "id": "job-2"}, "job-2", "vlmq:job:job-2")
+    with pytest.raises(SigningError, match="does not verify"):
+        verifier.verify_record(record, "job-1", "vlmq:job:elsewhere")
 
 
 def test_unsigned_and_unknown_signers_are_refused(keys: dict[str, str]) -> None:
     verifier = Verifier(keys["store"])
     with pytest.raises(SigningError, match="not signed"):
-        verifier.verify_record(_record(None))
+        verifier.verify_record(_record(None), "job-1", "vlmq:job:job-1")
     with pytest.raises(SigningError, match="unknown certificate"):
-        verifier.verify_record(_record(Signer(keys["intruder_key"], keys["intruder_cert"])))
+        verifier.verify_record(_record(Signer(keys["intruder_key"], keys["intruder_cert"])),
+                               "job-1", "vlmq:job:job-1")
 
 
 def test_messages_use_celerys_auth_format(keys: dict[str, str]) -> None:

@@ -189,8 +189,13 @@ class ContinuousEngine(Engine):
             self._prefill(group)
 
     def _prefill(self, group: list[Row]) -> None:
+        started = time.time()
+        for row in group:  # the job's generation starts with its prefill (metrics: TTFT)
+            row.work.gen_started = row.work.gen_started or started
         try:
             state, logits = prefill(self.loaded, group, self.tokenizer.pad_token_id, self.rope)
+            for row in group:
+                row.work.prefill_ms = row.work.prefill_ms or (time.time() - started) * 1000
         except torch.OutOfMemoryError:
             self._prefill_out_of_memory(group)
             return

@@ -2,8 +2,9 @@
 
 Threads:
 - callers (Celery task threads) ``submit`` a Work and wait on its future;
-- a small prep pool fetches and decodes images and runs the processor for each request alone,
-  so the next requests' preprocessing overlaps the current generation;
+- a fetch pool (``fetch_jobs``) fetches remote images, apart from a small prep pool that runs
+  the processor for each request alone (and decodes data: images), so the next requests'
+  preprocessing overlaps the generation and a slow host never holds a job with local images;
 - one generation thread takes every prepared request waiting, picks a batch (``batching.plan``:
   greedy rows of similar length within the row, token and pixel budgets; sampling and beam
   search rows alone),
@@ -57,8 +58,6 @@ from worker.model.memory import STICKY_CUDA_EXIT, is_sticky_cuda_error
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("vlmq.engine")
-
-
 class Engine:
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings, media: Any,
                  publisher: Publisher) -> None:
@@ -75,23 +74,29 @@ class Engine:
         self._ready: queue.Queue[Work | None] = queue.Queue()
         self.broken = False
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmq-prep")
+        self._fetch = ThreadPoolExecutor(max_workers=settings.fetch_jobs,
+                                         thread_name_prefix="vlmq-fetch")
         self._thread = threading.Thread(target=self._loop, name="vlmq-generate", daemon=True)
         self._thread.start()
 
     # -- callers ---------------------------------------------------------------------------
 
     def submit(self, work: Work) -> Future[Outcome]:
-        self._prep.submit(self._prepare, work)
+        remote = any(not source.startswith("data:") for source in work.request.image_sources())
+        (self._fetch if remote else self._prep).submit(self._prepare, work, remote)
         return work.future
 
     def close(self) -> None:
         self._ready.put(None)
         self._thread.join(timeout=30)
         self._prep.shutdown(wait=False, cancel_futures=True)
+        self._fetch.shutdown(wait=False, cancel_futures=True)
 
     # -- preparation (prep pool) -----------------------------------------------------------
 
-    def _prepare(self, work: Work) -> None:
+    def _prepare(self, work: Work, remote: bool = False) -> None:
+        """Load the images (``remote``: on the fetch pool), then preprocess on the prep pool. A
+        fetch that fails at (within 0.1 s of) the job's deadline ends it ``deadline``."""
         try:
             started = time.perf_counter()
             images = self.media.load_all(
@@ -99,6 +104,20 @@ class Engine:
                 deadline=time.monotonic() + max(0.0, min(work.deadline - time.time(),
                                                           self.settings.fetch_total_timeout_s)))
             work.fetch_ms = (time.perf_counter() - started) * 1000
+        except BaseException as error:
+            if time.time() + 0.1 >= work.deadline:  # the fetch ran into the deadline
+                work.finish_reason = "deadline"
+                work.future.set_result(work.outcome())
+            else:
+                work.future.set_exception(error)
+            return
+        if remote:
+            self._prep.submit(self._preprocess, work, images)
+        else:
+            self._preprocess(work, images)
+
+    def _preprocess(self, work: Work, images: list[Any]) -> None:
+        try:
             work.pixels = sum(image.width * image.height for image in images)
             started = time.perf_counter()
             work.rules = token_rules(self.tokenizer, work.request.params, self.model_type,

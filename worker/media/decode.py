@@ -52,7 +52,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         except MemoryError:
             raise ImageTooLarge("out of memory decoding the image") from None
         except Exception as exc:
-            raise ImageInvalid(f"the {image.format} image does not decode: {exc}") from None
+            raise _invalid(exc, f"the {image.format} image does not decode") from None
         try:
             frame = ImageOps.exif_transpose(image)  # always a new image
         except Exception as exc:  # hostile EXIF: keep the pixels as stored
@@ -80,7 +80,15 @@ def _open_header(data: bytes) -> Image.Image:
     except MemoryError:
         raise ImageTooLarge("out of memory reading the image header") from None
     except Exception as exc:
-        raise ImageInvalid(f"the image header does not parse: {exc}") from None
+        raise _invalid(exc, "the image header does not parse") from None
+
+
+def _invalid(error: Exception, what: str) -> ImageInvalid | ImageTooLarge:
+    """A decode error; a compressed chunk (zTXt, iTXt, iCCP) over Pillow's limit is a
+    decompression bomb: ImageTooLarge, as the error table lists bombs."""
+    if "too large" in str(error).lower():
+        return ImageTooLarge(f"{what}: a decompression bomb ({error})")
+    return ImageInvalid(f"{what}: {error}")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -57,6 +57,7 @@ class MediaLoader:
         self._s3_client: Any = None
         self._lock = threading.Lock()
         self._s3_lock = threading.Lock()
+        self._hosts: dict[str, threading.BoundedSemaphore] = {}  # fetches in flight per host
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
         self._sources: OrderedDict[str, str] = OrderedDict()
         self._cache_bytes = 0
@@ -233,6 +234,8 @@ class MediaLoader:
         if _scheme(source) == "s3":
             from worker.media import s3  # boto3 is imported only when an s3 source is used
 
+            # refused before a client is built: building one looks up credentials
+            s3.check_source(source, self.settings.s3_allowed_buckets)
             with self._s3_lock:
                 if self._s3_client is None:
                     self._s3_client = s3.make_client(self.settings)
@@ -244,4 +247,14 @@ class MediaLoader:
                 self.settings.s3_allowed_buckets,
                 deadline=deadline,
             )
-        return self._http.fetch(source, deadline)
+        host = (urlsplit(source).netloc or "?").lower()
+        with self._lock:
+            slot = self._hosts.setdefault(
+                host, threading.BoundedSemaphore(self.settings.fetch_per_host))
+        if not slot.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ImageFetchTimeout(f"{host} had {self.settings.fetch_per_host} fetches in "
+                                    "flight until the fetch deadline (VLMQ_FETCH_PER_HOST)")
+        try:
+            return self._http.fetch(source, deadline)
+        finally:
+            slot.release()

@@ -1,6 +1,9 @@
 """S3 image sources (the client comes from ``producer.s3.s3_client``).
 
 Image sources (``s3://bucket/key``) are read here; only buckets on ``s3_allowed_buckets`` are.
+``check_source`` refuses the others before any client exists: building a boto3 client resolves
+credentials (for the standard chain: the cloud metadata service), which a refused source, or a
+worker with no S3 source configured, must never cause.
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ def parse_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def check_source(uri: str, allowed_buckets: list[str]) -> tuple[str, str]:
+    """(bucket, key) of an allowed ``s3://`` source, or ImageUrlForbidden. Needs no client."""
+    bucket, key = parse_uri(uri)
+    _check_bucket(bucket, allowed_buckets)
+    return bucket, key
+
+
 def fetch_object(
     client: Any,
     uri: str,
@@ -61,8 +71,7 @@ def fetch_object(
     bucket, ImageTooLarge over the cap, ImageFetchTimeout for timeouts (and past ``deadline``, a
     ``time.monotonic()`` value), ImageFetchFailed otherwise (retryable unless a client error).
     """
-    bucket, key = parse_uri(uri)
-    _check_bucket(bucket, allowed_buckets)
+    bucket, key = check_source(uri, allowed_buckets)
     body = None
     try:
         response = client.get_object(Bucket=bucket, Key=key)

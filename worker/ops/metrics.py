@@ -141,6 +141,12 @@ class Metrics:
                                   registry=r).labels(model)
         self._seen_batches: collections.deque[tuple[float, int]] = collections.deque(
             maxlen=4096)
+        self.quarantined = Counter("vlmq_records_quarantined", "Job records the reconciler "
+                                   "took out of the indexes: not readable as a job", m,
+                                   registry=r).labels(model)
+        self.refused = Counter("vlmq_messages_refused", "Broker messages refused unrun, by "
+                               "reason (unknown_task, callbacks, malformed, rejected)",
+                               ["model", "reason"], registry=r)
         self._lock = threading.Lock()
         ProcessCollector(registry=r)
 
@@ -166,6 +172,9 @@ class Metrics:
             self.registry.register(_BacklogCollector(backlog))
 
     # -- hooks called by worker.tasks -------------------------------------------------------
+
+    def refused_message(self, reason: str) -> None:
+        self.refused.labels(self.model, reason).inc()
 
     def job_ended(self, status: str, code: str | None = None) -> None:
         self.jobs.labels(self.model, status.lower()).inc()

@@ -13,6 +13,12 @@ A sweep re-sends the task message, with the same job id, for:
   neither, a stale QUEUED job is re-sent once per grace period.
 A lease-expired job is re-sent once when its lease runs out, then once per grace period while no
 claim takes it. Duplicate messages are harmless: a claim drops a job that is running or done.
+
+A record written around the producer (``producer.fields.problems``) is not re-sent: the sweep
+ends it FAILED/INVALID_REQUEST itself (claim, then finish), or, when its status is not a job
+status at all, quarantines it: removes it from the index, logs its id once and counts it
+(``on_quarantine``). One record never stops a sweep: an error is logged with the job's id and
+the sweep goes on.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from typing import Any
 
 import redis
 
-from producer import keys
+from producer import fields, keys
 from producer.broker import amqp_depth as _amqp_depth
 from producer.broker import waiting_ids
-from producer.jobs import Index, Ledger, read_time
+from producer.jobs import Ending, Index, Ledger, read_time
+from producer.replies import ClaimOutcome
+from producer.schema import ErrorCode, ErrorInfo
 
 log = logging.getLogger("vlmq.reconciler")
 Send = Callable[[str, str], None]  # (job_id, queue)
@@ -38,7 +46,8 @@ Record = dict[str, str]
 class Reconciler:
     def __init__(self, ledger: Ledger, send: Send, *, worker_id: str, interval_s: float,
                  grace_s: float, broker: redis.Redis | None,
-                 depth: Depth | None = None) -> None:
+                 depth: Depth | None = None,
+                 on_quarantine: Callable[[str], object] | None = None) -> None:
         self.ledger = ledger
         self.send = send
         self.worker_id = worker_id
@@ -46,6 +55,7 @@ class Reconciler:
         self.grace_s = grace_s
         self.broker = broker  # the broker's Redis, when the broker is Redis
         self.depth = depth  # ready messages per queue, on a broker that is not Redis
+        self.on_quarantine = on_quarantine
         self._last = 0.0
 
     def maybe_sweep(self) -> dict[str, int] | None:
@@ -63,11 +73,39 @@ class Reconciler:
         found = []
         for job_id in self.ledger.due(index, until):
             record = self.ledger.raw(job_id)
-            if not record or record.get("status") != status:
+            if record and fields.status(record.get("status")) is None:
+                self._quarantine(job_id, record)
+            elif not record or record.get("status") != status:
                 self.ledger.unindex(index, job_id)
+            elif fields.problems(record):
+                self._safely(job_id, self._reject, job_id, fields.problems(record))
             else:
                 found.append((job_id, record))
         return found
+
+    def _quarantine(self, job_id: str, record: Record) -> None:
+        for index in (Index.QUEUED, Index.RUNNING):
+            self.ledger.unindex(index, job_id)
+        log.warning("job %s quarantined (removed from the indexes): %s", fields.clean(job_id),
+                    "; ".join(fields.problems(record)))
+        if self.on_quarantine is not None:
+            self.on_quarantine(job_id)
+
+    def _reject(self, job_id: str, problems: list[str]) -> None:
+        """End a job whose record is unreadable FAILED/INVALID_REQUEST, unrun."""
+        claim = self.ledger.claim(job_id, self.worker_id, 30.0, 1 << 30)
+        if claim.outcome is ClaimOutcome.CLAIMED:
+            info = ErrorInfo(code=ErrorCode.INVALID_REQUEST,
+                             message="the job record is unreadable: " + "; ".join(problems))
+            self.ledger.finish(job_id, claim.fence, Ending.failed(job_id, info))
+            log.warning("job %s ended FAILED INVALID_REQUEST by the reconciler: %s",
+                        fields.clean(job_id), "; ".join(problems))
+
+    def _safely(self, job_id: str, action: Callable[..., object], *args: Any) -> None:
+        try:
+            action(*args)
+        except (redis.ResponseError, ValueError):  # the record, not Redis: the sweep goes on
+            log.warning("job %s: reconciling it failed", fields.clean(job_id), exc_info=True)
 
     def sweep(self, now: float) -> dict[str, int]:
         counts = {"lease_expired": 0, "message_lost": 0}
@@ -75,13 +113,13 @@ class Reconciler:
             lease, sent = read_time(record.get("lease_until")) or 0.0, _sent_at(record)
             # once when the lease runs out, then once per grace period until a claim takes it
             if lease < now and (sent < lease or now - sent >= self.grace_s):
-                self._resend(job_id, record, now)
+                self._safely(job_id, self._resend, job_id, record, now)
                 counts["lease_expired"] += 1
         candidates = [(job_id, record) for job_id, record
                       in self._records(Index.QUEUED, now - self.grace_s, "QUEUED")
                       if now - _sent_at(record) >= self.grace_s]
         for job_id, record in self._lost(candidates):
-            self._resend(job_id, record, now)
+            self._safely(job_id, self._resend, job_id, record, now)
             counts["message_lost"] += 1
         if any(counts.values()):
             log.info("reconciler re-sent %s", counts)
