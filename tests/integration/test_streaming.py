@@ -130,7 +130,9 @@ def test_waiting_reads_the_record_at_the_end_not_after_every_token(
     job_id = submit(producer, image_server, max_new_tokens=200)
     state = producer.wait(job_id, timeout=60)
     events = list(producer.stream(job_id, timeout=10))
-    assert state.status == "SUCCEEDED" and len(events) >= 20
+    # the continuous engine sends a row's new text every stream interval: an event may carry
+    # several tokens
+    assert state.status == "SUCCEEDED" and len(events) >= 2
     # once before sleeping on the stream, once at the terminal event; a quiet second (a slow
     # prefill on a loaded machine) may add a check or two, never one per token
     assert 1 <= len(reads) <= 4, reads
