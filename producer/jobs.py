@@ -90,8 +90,9 @@ class Ledger:
         event, in ONE pipelined round trip. Per row: ``replies.Append`` values."""
         return self.run(records.append(self.config, rows))
 
-    def finish(self, job_id: str, fence: int, ending: Ending) -> Commit:
-        return self.run(records.finish(self.config, job_id, fence, ending))
+    def finish(self, job_id: str, fence: int, ending: Ending,
+               next_seq: int | None = None) -> Commit:
+        return self.run(records.finish(self.config, job_id, fence, ending, next_seq))
 
     def release(self, job_id: str, fence: int) -> Commit:
         return self.run(records.release(job_id, fence))

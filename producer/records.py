@@ -179,12 +179,14 @@ def append(cfg: LedgerConfig, rows: list[Row]) -> Op[list[Append]]:
     return [Append(int(reply)) for reply in replies]
 
 
-def finish(cfg: LedgerConfig, job_id: str, fence: int, ending: Ending) -> Op[Commit]:
-    """Move a RUNNING job we hold to its final status and emit its terminal event."""
+def finish(cfg: LedgerConfig, job_id: str, fence: int, ending: Ending,
+           next_seq: int | None = None) -> Op[Commit]:
+    """Move a RUNNING job we hold to its final status and emit its terminal event; with
+    ``next_seq``, only if the stream holds every event before it (else ``Commit.BEHIND``)."""
     flat = [item for pair in ending.fields.items() for item in pair]
     reply = yield Eval(scripts.FINISH, tuple(keys.job_keys(job_id)), (
         job_id, _now(), cfg.retention_s, cfg.stream_maxlen, fence, ending.status.value,
-        ending.body, *flat))
+        ending.body, "" if next_seq is None else next_seq, *flat))
     return Commit(int(reply))
 
 

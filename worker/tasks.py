@@ -22,8 +22,9 @@ from pydantic import ValidationError
 
 from producer import keys
 from producer.jobs import Ending, Ledger
-from producer.replies import Claim, ClaimOutcome, Heartbeat
+from producer.replies import Claim, ClaimOutcome, Commit, Heartbeat
 from producer.schema import ErrorCode, ErrorInfo, JobRequest, JobResult, JobStatus, Limits
+from worker.engine import repair
 from worker.engine.static import Engine
 from worker.engine.work import Outcome, Work
 from worker.errors import InvalidRequest, JobError
@@ -187,16 +188,28 @@ def _commit(rt: Runtime, work: Work, outcome: Outcome) -> TaskOutcome:
     ended = _end(rt, work.job_id, work.fence, ending,
                  f"finish_reason={outcome.finish_reason} tokens="
                  f"{outcome.usage.completion_tokens} total_ms={outcome.timings.total_ms:.1f}"
-                 f"{where}")
+                 f"{where}", work)
     if ended is not None and rt.metrics is not None:
         rt.metrics.job_finished(work, outcome)
     return ended
 
 
+def _finish(rt: Runtime, job_id: str, fence: int, ending: Ending, work: Work | None) -> bool:
+    """FINISH; with ``work``, only once its stream holds every event it sent (a stream that
+    lost entries gets them again first: ``worker.engine.repair``)."""
+    for _ in range(repair.MAX_TRIES):
+        answer = rt.ledger.finish(job_id, fence, ending,
+                                  None if work is None else work.next_seq)
+        if answer is not Commit.BEHIND or work is None:
+            return answer is Commit.DONE
+        repair.repair(rt.ledger, work, work.next_seq - 1)
+    return bool(rt.ledger.finish(job_id, fence, ending))  # end it anyway: seqs stay gapless
+
+
 def _end(rt: Runtime, job_id: str, fence: int, ending: Ending,
-         detail: str = "") -> JobStatus | None:
+         detail: str = "", work: Work | None = None) -> JobStatus | None:
     """Commit the job's end if the fence holds; log and count it."""
-    if not rt.ledger.finish(job_id, fence, ending):
+    if not _finish(rt, job_id, fence, ending, work):
         log.warning("job %s: commit refused (fence %d is stale)", job_id, fence,
                     extra={"job_id": job_id})
         return None

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.engine import repair
 from worker.engine.work import Work
 
 log = logging.getLogger("vlmq.streamer")
@@ -98,7 +99,7 @@ class Streamer:
                 ended.append(live)
             out.append((work, work.event("delta", delta if self.stream_events else "")))
         if out:
-            answers = self._append_until_sent([row for _work, row in out])
+            answers = self._append_until_sent(out)
             for (work, _row), answer in zip(out, answers, strict=True):
                 if answer in (0, 2):  # 0: someone else owns the job now; 2: cancel asked
                     work.cancel.set()
@@ -110,11 +111,12 @@ class Streamer:
             if not live.work.future.done():
                 live.work.future.set_result(live.work.outcome())
 
-    def _append_until_sent(self, rows: list[tuple[str, int, int, str, int]]) -> list[int]:
+    def _append_until_sent(self, rows: list[tuple[Work, tuple[str, int, int, str, int]]],
+                           ) -> list[int]:
         delay = 0.05
         while True:
-            try:
-                return list(self.ledger.append(rows))
+            try:  # a stream that lost entries gets them again (worker.engine.repair)
+                return list(repair.append(self.ledger, rows))
             except Exception as error:
                 log.warning("could not stream to %d rows (%s); retrying", len(rows), error)
                 time.sleep(delay)

@@ -34,6 +34,8 @@ class Work:
     deadline: float  # time.time() after which the job stops with finish_reason "deadline"
     already_sent: str = ""
     next_seq: int = 0
+    first_seq: int = -1  # the first seq of this attempt (-1: ``next_seq`` at the claim)
+    prior_text: str = ""  # what earlier attempts streamed (``already_sent`` at the claim)
     cancel: threading.Event = field(default_factory=threading.Event)
     handback: bool = False  # the worker is stopping: give the job back instead of ending it
     future: Future[Outcome] = field(default_factory=Future)
@@ -52,6 +54,13 @@ class Work:
     # for metrics: when the first token came out, and the rows of the batch it ran in
     first_token_at: float = 0.0
     batch_size: int = 0
+    # every event row this attempt built, by seq: what a stream that lost entries gets again
+    history: dict[int, tuple[str, int, int, str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.first_seq < 0:
+            self.first_seq = self.next_seq
+            self.prior_text = self.already_sent
 
     def reset_for_retry(self) -> None:
         """Start generating again (after an out-of-memory split), without re-sending text."""
@@ -73,7 +82,9 @@ class Work:
         seq = self.next_seq
         self.next_seq += 1
         data = stamp(event_body(self.job_id, etype, delta=delta), seq, self.tokens, time.time())
-        return (self.job_id, self.fence, seq, data, self.tokens)
+        row = (self.job_id, self.fence, seq, data, self.tokens)
+        self.history[seq] = row
+        return row
 
     def outcome(self) -> Outcome:
         assert self.finish_reason is not None
