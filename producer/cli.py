@@ -98,6 +98,9 @@ def _follow(producer: Producer, job_id: str, after: int | None, as_json: bool,
         last = event
         if as_json:
             print(event.model_dump_json(), flush=True)
+        elif event.type == "restart":  # attempt n's text replaces everything printed so far
+            print(f"\n[{job_id}] attempt {event.attempt} restarted the text", file=sys.stderr)
+            print(event.delta, end="", flush=True)
         elif event.delta:
             print(event.delta, end="", flush=True)
     if not as_json:

@@ -142,7 +142,10 @@ def _run(rt: Runtime, job_id: str, claim: Claim) -> TaskOutcome:
         work = Work(job_id=job_id, fence=claim.fence,
                     request=_decode_request(claim.request, rt.settings),
                     created_at=claim.created_at, deadline=claim.deadline,
-                    already_sent=claim.sent, next_seq=claim.next_seq)
+                    already_sent=claim.sent, next_seq=claim.next_seq, attempt=claim.attempt)
+        params = work.request.params
+        if claim.sent and params.do_sample and params.seed is None:
+            work.restart()  # cannot repeat the text already streamed: start it over
         with rt.lock:
             rt.active[job_id] = work
         outcome = rt.engine.submit(work).result()

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from producer import Producer
+from producer import Producer, keys
+from producer.events import parse_event, text_of
 from tests.servers import RedisServer, WorkerProcess
 
 FAST = {"VLMQ_LEASE_S": "1.5", "VLMQ_RECONCILE_INTERVAL_S": "0.5", "VLMQ_REQUEUE_GRACE_S": "2",
@@ -78,6 +79,12 @@ class Cluster:
             delete_amqp_queues(self.broker_url, [self.queue, f"q-{self.name}"])
 
 
+def stream_events(cluster: Cluster, job_id: str) -> list[Any]:
+    """Every event the job's stream holds (Producer.stream leaves out voided deltas)."""
+    return [parse_event(fields) for _id, fields in
+            cluster.producer.redis.xrange(keys.stream_key(job_id))]
+
+
 def assert_once(cluster: Cluster, job_id: str, attempts: int | None = None) -> Any:
     """SUCCEEDED, one terminal event, deltas adding up to the text (nothing sent twice)."""
     result = cluster.producer.result(job_id, timeout=120)
@@ -85,10 +92,10 @@ def assert_once(cluster: Cluster, job_id: str, attempts: int | None = None) -> A
     assert state.status == "SUCCEEDED"
     if attempts is not None:
         assert state.attempts == attempts
-    events = list(cluster.producer.stream(job_id, timeout=10))
+    events = stream_events(cluster, job_id)
     assert [e.seq for e in events] == list(range(len(events)))
     assert sum(e.terminal for e in events) == 1 and events[-1].terminal
-    assert "".join(e.delta for e in events) == result.text
+    assert text_of(events) == result.text  # restarts applied (none for greedy or seeded)
     return result
 
 
@@ -102,6 +109,9 @@ def sigkill_mid_job_is_recovered(cluster: Cluster, tokens: int) -> None:
     result = assert_once(cluster, job_id, attempts=2)
     assert result.usage.completion_tokens == tokens or result.finish_reason == "stop"
     assert len(cluster.producer.redis.lrange(f"vlmq:job:{job_id}:attempts", 0, -1)) == 2
+    events = list(cluster.producer.stream(job_id, timeout=10))
+    assert "".join(e.delta for e in events) == result.text  # greedy: the text went on
+    assert not [e for e in events if e.type == "restart"]
 
 
 def delete_amqp_queues(url: str, names: list[str]) -> None:

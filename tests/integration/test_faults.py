@@ -17,7 +17,12 @@ from typing import Any
 import pytest
 import redis
 
-from tests.integration.cluster import Cluster, assert_once, sigkill_mid_job_is_recovered
+from tests.integration.cluster import (
+    Cluster,
+    assert_once,
+    sigkill_mid_job_is_recovered,
+    stream_events,
+)
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -52,6 +57,27 @@ def idle_cluster(tiny_paths: dict[str, str], image_server: Any,
 
 def test_sigkill_mid_generation_is_completed_by_another_worker(cluster: Cluster) -> None:
     sigkill_mid_job_is_recovered(cluster, LONG)
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_sampling_job_taken_over_restarts_its_stream_unless_seeded(
+        cluster: Cluster, seed: int | None) -> None:
+    job_id = cluster.submit(LONG, do_sample=True, seed=seed)
+    for event in cluster.producer.stream(job_id, timeout=60):  # some text went out
+        if event.delta or event.terminal:
+            break
+    assert not event.terminal
+    cluster.holder(job_id).stop(signal.SIGKILL)
+    result = assert_once(cluster, job_id, attempts=2)  # what the stream adds up to: the text
+    events = stream_events(cluster, job_id)
+    restarts = [e for e in events if e.type == "restart"]
+    if seed is None:  # attempt 2 draws other tokens: it says so, then streams its own text
+        assert [(e.attempt, e.from_seq) for e in restarts] == [(2, 0)]
+        assert "".join(e.delta for e in events[events.index(restarts[0]):]) == result.text
+        yielded = list(cluster.producer.stream(job_id, timeout=10))  # a reader from the start
+        assert "".join(e.delta for e in yielded) == result.text
+    else:  # the seed replays attempt 1's tokens: the text goes on, as for greedy jobs
+        assert restarts == [] and "".join(e.delta for e in events) == result.text
 
 
 def test_poison_job_fails_worker_lost_and_the_others_succeed(cluster: Cluster) -> None:

@@ -35,6 +35,8 @@ class Work:
     already_sent: str = ""
     next_seq: int = 0
     first_seq: int = -1  # the first seq of this attempt (-1: ``next_seq`` at the claim)
+    attempt: int = 1
+    restart_pending: bool = False  # the next event is a ``restart`` (see ``restart``)
     prior_text: str = ""  # what earlier attempts streamed (``already_sent`` at the claim)
     cancel: threading.Event = field(default_factory=threading.Event)
     handback: bool = False  # the worker is stopping: give the job back instead of ending it
@@ -70,18 +72,35 @@ class Work:
         self.tokens = 0
         self.finish_reason = None
 
+    def restart(self) -> None:
+        """This attempt cannot repeat the text already streamed (sampling without a seed):
+        stream its own text from the start, after a ``restart`` event."""
+        self.already_sent = ""
+        self.restart_pending = True
+
+    def _take_restart(self) -> bool:
+        restarted = self.restart_pending or bool(self.assembler and self.assembler.restarted)
+        self.restart_pending = False
+        if self.assembler is not None:
+            self.assembler.restarted = False
+        return restarted
+
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
     def event(self, etype: EventType, delta: str = "") -> tuple[str, int, int, str, int]:
         """A stream row for ``Ledger.append``: consumes the next seq when there is an event
-        (the worker's count of its stream, started where the claim said the stream is)."""
+        (the worker's count of its stream, started where the claim said the stream is). The
+        first event after the text left what earlier attempts sent is a ``restart``."""
+        if etype == "delta" and self._take_restart():
+            etype = "restart"
         if not delta and etype == "delta":
             return (self.job_id, self.fence, self.next_seq, "", self.tokens)
         seq = self.next_seq
         self.next_seq += 1
-        data = stamp(event_body(self.job_id, etype, delta=delta), seq, self.tokens, time.time())
+        body = event_body(self.job_id, etype, delta=delta, attempt=self.attempt)
+        data = stamp(body, seq, self.tokens, time.time())
         row = (self.job_id, self.fence, seq, data, self.tokens)
         self.history[seq] = row
         return row
