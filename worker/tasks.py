@@ -67,12 +67,24 @@ class Runtime:
     resend: Callable[[str, str], None] | None = None  # (job_id, queue): send the task again
     # signing on: raises InvalidRequest for a record no trusted producer signed (worker.security)
     check_record: Callable[[dict[str, str]], None] | None = None
+    # set by ``drain``: no more claims here; a message that still arrives is passed on
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def drain(self) -> None:
-        """Shutting down: stop every job in hand at its next step and hand it back."""
+        """Shutting down: stop every job in hand at its next step and hand it back; claim
+        nothing more (the job a hand-back re-sends must go to another worker)."""
+        self.stopping.set()
         with self.lock:
             works = list(self.active.values())
         for work in works:
+            work.handback = True
+            work.cancel.set()
+
+    def track(self, work: Work) -> None:
+        """A job in hand (``drain`` reaches it); handed back at once if draining began."""
+        with self.lock:
+            self.active[work.job_id] = work
+        if self.stopping.is_set():
             work.handback = True
             work.cancel.set()
 
@@ -101,6 +113,8 @@ def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskO
         log.warning("dropped a malformed task message: args=%.200r kwargs=%.200r", args, kwargs)
         return None
     job_id = args[0]
+    if rt.stopping.is_set():
+        return _pass_on(rt, job_id)
     claim = rt.claim(job_id)
     if claim.outcome is not ClaimOutcome.CLAIMED:
         return _not_run(rt, job_id, claim.outcome)
@@ -114,10 +128,23 @@ def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskO
     if not rt.ledger.release(job_id, claim.fence):
         return None
     with rt.quarantine.hold(alone):
+        if rt.stopping.is_set():
+            return _pass_on(rt, job_id)
         claim = rt.claim(job_id)
         if claim.outcome is not ClaimOutcome.CLAIMED:
             return _not_run(rt, job_id, claim.outcome)
         return _run(rt, job_id, claim)
+
+
+def _pass_on(rt: Runtime, job_id: str) -> TaskOutcome:
+    """The worker is stopping: leave the job unclaimed and send its task again for another
+    worker (this one consumes nothing more once Celery's consumer has stopped)."""
+    record = rt.ledger.raw(job_id) or {}
+    if record.get("status") == JobStatus.QUEUED.value and rt.resend is not None:
+        rt.resend(job_id, record.get("queue") or keys.DEFAULT_QUEUE)
+    log.info("job %s not run: worker stopping; sent again for another worker", job_id,
+             extra={"job_id": job_id})
+    return None
 
 
 def _not_run(rt: Runtime, job_id: str, outcome: ClaimOutcome) -> ClaimOutcome:
@@ -146,8 +173,7 @@ def _run(rt: Runtime, job_id: str, claim: Claim) -> TaskOutcome:
         params = work.request.params
         if claim.sent and params.do_sample and params.seed is None:
             work.restart()  # cannot repeat the text already streamed: start it over
-        with rt.lock:
-            rt.active[job_id] = work
+        rt.track(work)
         outcome = rt.engine.submit(work).result()
         if work.handback:
             return _hand_back(rt, job_id, claim.fence, claim.queue or keys.DEFAULT_QUEUE)

@@ -113,13 +113,13 @@ def test_sigterm_hands_the_job_back_quickly(cluster: Cluster) -> None:
     job_id = cluster.submit(LONG)
     cluster.started(job_id)
     holder = cluster.holder(job_id)
-    started = time.monotonic()
-    holder.stop(signal.SIGTERM, timeout=30)
-    stopped_in = time.monotonic() - started
-    assert holder.proc.returncode is not None
-    assert "handed back" in holder.log(), holder.log()[-2000:]
-    assert_once(cluster, job_id, attempts=1)  # a hand-back is not a failed attempt
-    assert stopped_in < 30
+    holder.stop(signal.SIGTERM, timeout=30)  # past 30 s: SIGKILLed (returncode -9)
+    assert holder.proc.returncode == 0, holder.log()[-2000:]  # on its own, within the soft
+    log = holder.log()  # shutdown time (5 s here) plus the drain
+    assert "handed back" in log, log[-2000:]
+    assert log.count(f"job {job_id} RUNNING") == 1, log[-2000:]  # never claimed again here
+    result = assert_once(cluster, job_id, attempts=1)  # a hand-back is not a failed attempt
+    assert not result.worker.endswith(f":{holder.proc.pid}")  # another worker finished it
 
 
 def test_stale_worker_commit_is_refused_by_the_fence(cluster: Cluster) -> None:
