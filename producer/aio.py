@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from producer import keys
 from producer.broker import Broker, make_celery
 from producer.core import ClientCore
-from producer.records import DEFAULT_RETENTION_S, LedgerConfig
+from producer.records import DEFAULT_QUEUED_RETENTION_S, DEFAULT_RETENTION_S, LedgerConfig
 from producer.s3 import ResultReader, S3Config
 from producer.schema import (
     DEFAULT_LIMITS,
@@ -116,6 +116,7 @@ class AsyncProducer:
 
     def __init__(self, redis_url: str = keys.DEFAULT_REDIS_URL, *, broker_url: str | None = None,
                  limits: Limits = DEFAULT_LIMITS, retention_s: int = DEFAULT_RETENTION_S,
+                 queued_retention_s: int = DEFAULT_QUEUED_RETENTION_S,
                  s3: S3Config | None = None, security_key: str | None = None,
                  security_certificate: str | None = None,
                  security_key_password: str | None = None) -> None:
@@ -125,7 +126,8 @@ class AsyncProducer:
         self.broker_url = broker_url or redis_url
         self._celery = make_celery(self.broker_url, signer)
         self._broker = Broker(self._celery, self.broker_url)
-        self._core = ClientCore(LedgerConfig(retention_s, signer=signer), self._broker,
+        self._core = ClientCore(LedgerConfig(retention_s, signer=signer,
+                                             queued_retention_s=queued_retention_s), self._broker,
                                 ResultReader(s3 or S3Config()), limits)
 
     async def _run(self, op: Op[T]) -> T:

@@ -21,6 +21,7 @@ from producer.errors import (
     NotAllowed,
     ResultUnavailable,
 )
+from producer.records import DEFAULT_QUEUED_RETENTION_S as DEFAULT_QUEUED
 from producer.s3 import S3Config
 from producer.schema import request_json_schema
 from producer.signing import SigningError
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         with Producer(args.redis_url or env("VLMQ_REDIS_URL", keys.DEFAULT_REDIS_URL),
                       broker_url=args.broker_url or env("VLMQ_BROKER_URL"),
                       s3=S3Config.from_env(os.environ),  # only for results stored in S3
+                      queued_retention_s=int(env("VLMQ_QUEUED_RETENTION_S", DEFAULT_QUEUED)),
                       security_key=env("VLMQ_SECURITY_KEY"),
                       security_certificate=env("VLMQ_SECURITY_CERTIFICATE"),
                       security_key_password=env("VLMQ_SECURITY_KEY_PASSWORD")) as producer:

@@ -14,7 +14,7 @@ from producer import keys
 from producer.broker import Broker, make_celery
 from producer.core import ClientCore, build_request
 from producer.jobs import Ledger
-from producer.records import DEFAULT_RETENTION_S
+from producer.records import DEFAULT_QUEUED_RETENTION_S, DEFAULT_RETENTION_S
 from producer.s3 import ResultReader, S3Config
 from producer.schema import (
     DEFAULT_LIMITS,
@@ -40,12 +40,14 @@ class Producer:
 
     def __init__(self, redis_url: str = keys.DEFAULT_REDIS_URL, *, broker_url: str | None = None,
                  limits: Limits = DEFAULT_LIMITS, retention_s: int = DEFAULT_RETENTION_S,
+                 queued_retention_s: int = DEFAULT_QUEUED_RETENTION_S,
                  s3: S3Config | None = None, security_key: str | None = None,
                  security_certificate: str | None = None,
                  security_key_password: str | None = None) -> None:
         signer = signer_from(security_key, security_certificate, security_key_password)
         self.redis = connect(redis_url)
-        self.ledger = Ledger(self.redis, retention_s=retention_s, signer=signer)
+        self.ledger = Ledger(self.redis, retention_s=retention_s, signer=signer,
+                             queued_retention_s=queued_retention_s)
         self.limits = limits
         self.broker_url = broker_url or redis_url
         self._celery = make_celery(self.broker_url, signer)

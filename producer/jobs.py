@@ -57,9 +57,10 @@ class Ledger:
 
     def __init__(self, client: redis.Redis, *, retention_s: int = DEFAULT_RETENTION_S,
                  stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
-                 signer: Signer | None = None) -> None:
+                 signer: Signer | None = None,
+                 queued_retention_s: int = records.DEFAULT_QUEUED_RETENTION_S) -> None:
         self.redis = client
-        self.config = LedgerConfig(retention_s, stream_maxlen, signer)
+        self.config = LedgerConfig(retention_s, stream_maxlen, signer, queued_retention_s)
 
     def run(self, op: Op[T]) -> T:
         return run(self.redis, op)
@@ -112,6 +113,9 @@ class Ledger:
 
     def unindex(self, index: Index, job_id: str) -> None:
         self.run(records.unindex(index, job_id))
+
+    def expire_queued(self, job_id: str) -> bool:
+        return self.run(records.expire_queued(self.config, job_id))
 
     def mark_sent(self, job_id: str, now: float) -> None:
         self.run(records.mark_sent(job_id, now))

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from producer.signing import Signer
 
 DEFAULT_RETENTION_S = 86_400
+DEFAULT_QUEUED_RETENTION_S = 7 * 86_400  # a QUEUED record no worker ever takes is dropped then
 DEFAULT_STREAM_MAXLEN = 10_000
 
 
@@ -59,6 +60,7 @@ class LedgerConfig:
     retention_s: int = DEFAULT_RETENTION_S
     stream_maxlen: int = DEFAULT_STREAM_MAXLEN
     signer: Signer | None = None  # signs the records ``create`` writes (producer.signing)
+    queued_retention_s: int = DEFAULT_QUEUED_RETENTION_S  # a new record's expiry (QUEUED)
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,10 @@ def create(cfg: LedgerConfig, job_id: str, request: JobRequest, queue: str) -> O
     fields = new_record(job_id, request, queue, now, cfg.signer)
     idem = keys.idempotency_key(request.idempotency_key) if request.idempotency_key else ""
     flat = [item for pair in fields.items() for item in pair]
-    created, found = yield Eval(scripts.CREATE, (keys.job_key(job_id), idem, keys.QUEUED_INDEX),
-                                (job_id, repr(now), cfg.retention_s, *flat))
+    (created, found), _expiry = yield Batch((
+        Eval(scripts.CREATE, (keys.job_key(job_id), idem, keys.QUEUED_INDEX),
+             (job_id, repr(now), cfg.retention_s, *flat)),
+        call("EXPIRE", keys.job_key(job_id), cfg.queued_retention_s)), atomic=True)
     return Created(bool(created), text(found))
 
 
@@ -264,6 +268,15 @@ def statuses(ids: list[str]) -> Op[list[str]]:
         return []
     found = yield Batch(tuple(call("HGET", keys.job_key(i), "status") for i in ids))
     return [text(s) if s else "" for s in found]
+
+
+def expire_queued(cfg: LedgerConfig, job_id: str) -> Op[bool]:
+    """End a QUEUED job past its deadline as EXPIRED (terminal event, nothing fetched);
+    False when it is not QUEUED or not past its deadline."""
+    reply = yield Eval(scripts.EXPIRE_QUEUED, tuple(keys.job_keys(job_id)), (
+        job_id, _now(), cfg.retention_s, cfg.stream_maxlen,
+        event_body(job_id, "cancelled", finish_reason="deadline")))
+    return bool(reply)
 
 
 def mark_sent(job_id: str, now: float) -> Op[None]:

@@ -269,3 +269,15 @@ redis.call('ZREM', DONE, ARGV[1])
 redis.call('ZADD', QUEUED, now, ARGV[1])
 return {'queued'}
 """)
+
+# ARGV: id, now, retention, maxlen, expired event body. A QUEUED job past its deadline ends
+# EXPIRED (the reconciler's sweep: no worker took it in time). Returns 1 if ended, else 0.
+EXPIRE_QUEUED = Script("expire_queued", _COMMON + r"""
+if redis.call('HGET', JOB, 'status') ~= 'QUEUED' then return 0 end
+local deadline = tonumber(redis.call('HGET', JOB, 'deadline_at') or '')
+if not deadline or tonumber(ARGV[2]) < deadline then return 0 end
+redis.call('HSET', JOB, 'finish_reason', 'deadline')
+finish(ARGV[1], 'EXPIRED', ARGV[2], ARGV[3])
+emit(ARGV[5], ARGV[2], ARGV[4])
+return 1
+""")
