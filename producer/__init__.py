@@ -1,7 +1,14 @@
 """vlmq producer: submit VLM jobs, poll them, stream their tokens. Light: no torch here."""
 
 from producer.client import Producer
-from producer.errors import InvalidRequestError, JobFailed, JobNotFound, JobTimeout, VlmqError
+from producer.errors import (
+    InvalidRequestError,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    SubmitUncertain,
+    VlmqError,
+)
 from producer.schema import (
     ErrorCode,
     ErrorInfo,
@@ -26,6 +33,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "JobTimeout",
+    "SubmitUncertain",
     "Producer",
     "StreamEvent",
     "VlmqError",

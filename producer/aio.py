@@ -102,13 +102,20 @@ async def iterate(client: aioredis.Redis, op: Op[Any]) -> AsyncIterator[Any]:
 
 
 async def run(client: aioredis.Redis, op: Op[T]) -> T:
+    """``producer.transport.run``, awaited: a failed step is raised inside the operation."""
     reply: Any = None
+    error: Exception | None = None
     while True:
         try:
-            step = op.send(reply)
+            step = op.send(reply) if error is None else op.throw(error)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-        reply = None if isinstance(step, Emit) else await execute(client, step)
+        reply, error = None, None
+        if not isinstance(step, Emit):
+            try:
+                reply = await execute(client, step)
+            except Exception as failed:
+                error = failed
 
 
 class AsyncProducer:

@@ -20,6 +20,7 @@ from producer.errors import (
     JobTimeout,
     NotAllowed,
     ResultUnavailable,
+    SubmitUncertain,
 )
 from producer.records import DEFAULT_QUEUED_RETENTION_S as DEFAULT_QUEUED
 from producer.s3 import S3Config
@@ -152,6 +153,7 @@ _EXITS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int, s
     (NotAllowed, 6, ""),
     (ResultUnavailable, 7, ""),
     (SigningError, 8, "cannot sign: "),
+    (SubmitUncertain, 9, ""),
     (redis.exceptions.AuthenticationError, 5,
      "Redis refused the credentials (authentication failed): "),
     ((OSError, redis.exceptions.ConnectionError, kombu.exceptions.OperationalError), 5,

@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from producer import records
@@ -25,12 +26,14 @@ from producer.errors import (
     JobNotFound,
     JobTimeout,
     ResultUnavailable,
+    SubmitUncertain,
 )
 from producer.records import LedgerConfig
 from producer.replies import CancelOutcome, parse_result, parse_state
 from producer.s3 import ResultReader
 from producer.schema import DEFAULT_LIMITS, JobRequest, JobResult, JobState, JobStatus, Limits
 from producer.steps import Blocking, Emit, Op
+from producer.transport import refused
 
 _PARAM_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                 "repetition_penalty", "seed", "stop", "bad_words", "end_tokens", "num_beams")
@@ -82,7 +85,13 @@ class ClientCore(AdminCore):
             request = build_request(messages, prompt=prompt, images=images, limits=self.limits,
                                     **options)
         queue = queue_for_model(request.model)
-        created = yield from records.create(self.ledger, uuid.uuid4().hex, request, queue)
+        job_id = uuid.uuid4().hex  # made before writing: a lost write still has a name
+        try:
+            created = yield from records.create(self.ledger, job_id, request, queue)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            if refused(error):  # credentials or certificates: nothing was written
+                raise
+            raise SubmitUncertain(job_id, error) from error
         if created.created:
             yield from self.enqueue(created.job_id, queue)
         return created.job_id
