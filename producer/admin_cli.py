@@ -47,7 +47,10 @@ def _confirm(producer: Producer, queue: str) -> bool:
 def run(producer: Producer, args: argparse.Namespace) -> int:
     """Run one of COMMANDS; the caller maps the producer's exceptions to exit codes."""
     if args.command == "stats":
-        _print(producer.stats())
+        found = producer.stats()
+        _print(found)
+        for line in found["redis"]["problems"] + found["redis"]["warnings"]:
+            print(f"vlmq: warning: {line}", file=sys.stderr)
     elif args.command == "jobs":
         _print([s.model_dump(mode="json") for s in producer.jobs(args.status, args.limit)])
     elif args.command == "retry":
