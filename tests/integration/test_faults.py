@@ -156,6 +156,8 @@ def test_redis_killed_and_restarted_with_aof_loses_nothing(cluster: Cluster) -> 
     cluster.redis.start()
     for job_id in [running, *backlog]:
         assert_once(cluster, job_id)
+    for worker in cluster.workers[-2:]:  # they reconnected and go on serving, model loaded
+        assert worker.alive() and "Unrecoverable error" not in worker.log(), worker.log()[-3000:]
 
 
 def test_lost_broker_messages_are_sent_again_by_the_reconciler(idle_cluster: Cluster) -> None:
