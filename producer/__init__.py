@@ -6,6 +6,7 @@ from producer.errors import (
     JobFailed,
     JobNotFound,
     JobTimeout,
+    NoWorkerForModel,
     SubmitUncertain,
     VlmqError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "JobTimeout",
+    "NoWorkerForModel",
     "SubmitUncertain",
     "Producer",
     "StreamEvent",

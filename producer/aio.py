@@ -152,9 +152,11 @@ class AsyncProducer:
 
     async def submit(self, messages: list[dict[str, Any]] | None = None, *,
                      prompt: str | None = None, images: list[str] | None = None,
-                     request: JobRequest | None = None, **options: Any) -> str:
+                     request: JobRequest | None = None, require_worker: bool = True,
+                     **options: Any) -> str:
         return await self._run(self._core.submit(messages, prompt=prompt, images=images,
-                                                 request=request, **options))
+                                                 request=request, require_worker=require_worker,
+                                                 **options))
 
     async def enqueue(self, job_id: str, queue: str = keys.DEFAULT_QUEUE) -> None:
         await self._run(self._core.enqueue(job_id, queue))

@@ -19,6 +19,7 @@ from producer.errors import (
     JobNotFound,
     JobTimeout,
     NotAllowed,
+    NoWorkerForModel,
     ResultUnavailable,
     SubmitUncertain,
 )
@@ -72,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--ttl", type=float, default=None, dest="ttl_s",
                         help="seconds before an unfinished job expires")
     submit.add_argument("--idempotency-key", default=None)
+    submit.add_argument("--no-require-worker", action="store_false", dest="require_worker",
+                        help="queue the job even if no live worker serves its model (exit 10 "
+                             "otherwise)")
     submit.add_argument("--wait", action="store_true", help="wait and print the result")
     submit.add_argument("--stream", action="store_true",
                         help="print tokens as they arrive, then the final status line")
@@ -134,7 +138,8 @@ def _submit(producer: Producer, args: argparse.Namespace) -> int:
     if args.parts:
         options["prompt_parts"] = _read_json(args.parts)
     job_id = producer.submit(messages, prompt=args.prompt,
-                             images=args.image or None if args.prompt else None, **options)
+                             images=args.image or None if args.prompt else None,
+                             require_worker=args.require_worker, **options)
     if args.stream:
         print(f"[{job_id}]", file=sys.stderr)
         return _follow(producer, job_id, None, False, args.timeout)
@@ -154,6 +159,7 @@ _EXITS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int, s
     (ResultUnavailable, 7, ""),
     (SigningError, 8, "cannot sign: "),
     (SubmitUncertain, 9, ""),
+    (NoWorkerForModel, 10, ""),
     (redis.exceptions.AuthenticationError, 5,
      "Redis refused the credentials (authentication failed): "),
     ((OSError, redis.exceptions.ConnectionError, kombu.exceptions.OperationalError), 5,

@@ -67,11 +67,14 @@ class Producer:
 
     def submit(self, messages: list[dict[str, Any]] | None = None, *, prompt: str | None = None,
                images: list[str] | None = None, request: JobRequest | None = None,
-               **options: Any) -> str:
+               require_worker: bool = True, **options: Any) -> str:
         """Accept a job and return its id. Options: GenerationParams fields, model, ttl_s,
-        idempotency_key, metadata, result_store, max_pixels."""
+        idempotency_key, metadata, result_store, max_pixels. NoWorkerForModel when no live
+        worker serves the model (unless ``require_worker=False``); SubmitUncertain when the
+        write's outcome is unknown."""
         return self.ledger.run(self._core.submit(messages, prompt=prompt, images=images,
-                                                 request=request, **options))
+                                                 request=request, require_worker=require_worker,
+                                                 **options))
 
     def enqueue(self, job_id: str, queue: str = keys.DEFAULT_QUEUE) -> None:
         """Send the task message for an existing record (also used to re-send a lost one)."""

@@ -74,3 +74,14 @@ class SubmitUncertain(VlmqError):
         super().__init__(f"job {job_id} may or may not have been accepted ({type(error).__name__}:"
                          f" {error}); check status({job_id!r}) or submit again with the same "
                          f"idempotency_key")
+
+
+class NoWorkerForModel(VlmqError):
+    """No live worker has served this model's queue within ``keys.SERVED_WINDOW_S``: the job
+    would wait for a worker that may never come. Submit with ``require_worker=False`` to queue
+    it anyway (a worker started later takes it; ``ttl_s`` bounds the wait)."""
+
+    def __init__(self, model: str | None, queue: str) -> None:
+        self.model, self.queue = model, queue
+        super().__init__(f"no live worker serves model {model or '(none)'} (queue {queue}); "
+                         f"start one, or submit with require_worker=False to queue it anyway")

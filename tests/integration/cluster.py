@@ -62,6 +62,7 @@ class Cluster:
         return next(w for w in self.workers if w.proc.pid == pid)
 
     def submit(self, tokens: int = 8, **options: Any) -> str:
+        options.setdefault("require_worker", False)  # idle clusters queue before a worker
         return str(self.producer.submit(prompt="What do we see?", model=self.name,
                                         images=[self.image_server.url("/cats.png")],
                                         max_new_tokens=tokens, **options))

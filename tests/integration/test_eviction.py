@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import redis
 
-from producer import Producer
+from producer import Producer, keys
+from producer.broker import queue_for_model
 from tests.integration.test_ops import health
 from tests.servers import RedisServer, WorkerProcess
 from tests.waiting import eventually
@@ -44,6 +45,9 @@ def test_health_and_stats_report_eviction_allowed_or_not(evicting: RedisServer,
     try:
         worker.wait_ready()
         assert "neither AOF" in worker.log()  # the warning at start
+        served = redis.Redis.from_url(evicting.url).get(
+            keys.serving_key(queue_for_model("evict-allowed")))  # what submit checks
+        assert served is not None and served.decode().endswith(f":{worker.proc.pid}")
         code, report = health(worker.health_file)
         assert code == 0 and report["problems"] == []
         with Producer(evicting.url) as producer:  # `vlmq stats` prints the same as a warning

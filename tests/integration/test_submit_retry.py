@@ -28,13 +28,38 @@ def cut() -> Iterator[tuple[Producer, Proxy]]:
 def test_a_submit_whose_reply_is_lost_names_its_job_and_retries_safely(
         cut: tuple[Producer, Proxy]) -> None:
     producer, proxy = cut
-    producer.submit(prompt="hi", model="nobody")  # a connection open, the script loaded
+    producer.submit(prompt="hi", model="nobody", require_worker=False)  # script loaded
     proxy.mode = "lose_replies"  # Redis writes the record; the producer never hears back
     with pytest.raises(SubmitUncertain) as raised:
-        producer.submit(prompt="hi", model="nobody", idempotency_key="order-17")
+        producer.submit(prompt="hi", model="nobody", idempotency_key="order-17",
+                        require_worker=False)
     job_id = raised.value.job_id
     assert job_id in str(raised.value) and "idempotency_key" in str(raised.value)
     proxy.mode = "pass"
     assert producer.status(job_id).status == "QUEUED"  # it was accepted after all
-    again = producer.submit(prompt="hi", model="nobody", idempotency_key="order-17")
+    again = producer.submit(prompt="hi", model="nobody", idempotency_key="order-17",
+                            require_worker=False)
     assert again == job_id  # the documented retry: the same job, not a second one
+
+
+def test_a_model_no_live_worker_serves_is_refused_unless_asked(
+        cut: tuple[Producer, Proxy]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from producer import NoWorkerForModel, keys
+    from producer.broker import queue_for_model
+
+    producer, proxy = cut
+    with pytest.raises(NoWorkerForModel, match="require_worker=False"):
+        producer.submit(prompt="hi", model="nobody")
+    assert producer.redis.zcard(keys.QUEUED_INDEX) == 0  # nothing was written
+    cli = subprocess.run([sys.executable, "-m", "producer", "submit", "--prompt", "hi",
+                          "--model", "nobody"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, VLMQ_REDIS_URL=proxy.url()))
+    assert cli.returncode == 10 and "no live worker serves model nobody" in cli.stderr
+    queued = producer.submit(prompt="hi", model="nobody", require_worker=False)
+    assert producer.status(queued).status == "QUEUED"
+    producer.redis.set(keys.serving_key(queue_for_model("nobody")), "w", ex=60)  # a worker's
+    assert producer.status(producer.submit(prompt="hi", model="nobody")).status == "QUEUED"

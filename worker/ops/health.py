@@ -82,6 +82,9 @@ class HealthReporter:
                     self.redis.delete(key)
                 else:
                     self.redis.set(key, body, ex=max(15, int(self.interval_s * 3)))
+                    for queue in self.queues:  # producers check that someone serves it
+                        self.redis.set(keys.serving_key(queue), self.worker_id,
+                                       ex=keys.SERVED_WINDOW_S)
             except Exception:
                 pass
             return state
