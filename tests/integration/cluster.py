@@ -14,6 +14,7 @@ import pytest
 
 from producer import Producer, keys
 from producer.events import parse_event, text_of
+from tests.proxy import Proxy
 from tests.servers import RedisServer, WorkerProcess
 
 FAST = {"VLMQ_LEASE_S": "1.5", "VLMQ_RECONCILE_INTERVAL_S": "0.5", "VLMQ_REQUEUE_GRACE_S": "2",
@@ -23,8 +24,10 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 class Cluster:
     def __init__(self, path: str, image_server: Any, tmp: str, broker_url: str | None = None,
-                 fsync: str = "always") -> None:
+                 fsync: str = "always", proxied: bool = False) -> None:
         self.redis = RedisServer("--appendonly", "yes", "--appendfsync", fsync)
+        # workers reach Redis through a loopback proxy that can cut their connections
+        self.proxy = Proxy(self.redis.port) if proxied else None
         self.path, self.image_server, self.tmp = path, image_server, tmp
         self.broker_url = broker_url
         self.name = f"fault-{uuid.uuid4().hex[:6]}"
@@ -38,7 +41,8 @@ class Cluster:
 
     def start_worker(self, wait: bool = True, **env: str) -> WorkerProcess:
         broker = {"VLMQ_BROKER_URL": self.broker_url} if self.broker_url else {}
-        worker = WorkerProcess(self.path, self.redis.url, name=self.name, log_dir=self.tmp,
+        url = self.proxy.url() if self.proxy is not None else self.redis.url
+        worker = WorkerProcess(self.path, url, name=self.name, log_dir=self.tmp,
                                image_port=self.image_server.port,
                                env={**FAST, **broker, **env},
                                log_name=f"{self.name}-{len(self.workers)}")
@@ -74,6 +78,8 @@ class Cluster:
 
     def close(self) -> None:
         WorkerProcess.stop_all(self.workers, signal.SIGKILL)
+        if self.proxy is not None:
+            self.proxy.close()
         self.producer.close()
         self.redis.stop()
         if self.broker_url:
