@@ -85,16 +85,7 @@ class Streamer:
         for live in rows:
             work = live.work
             done = work.finish_reason is not None  # read before the ids: all of them are in
-            count = len(live.ids)
-            delta = ""
-            if work.assembler is not None:
-                if count > live.sent:
-                    delta = work.assembler.push(live.ids[live.sent:count])
-                    live.sent = count
-                    live.stop_seen = work.assembler.stopped
-                if done:
-                    delta += work.assembler.finish()
-            work.tokens = count
+            delta = self._new_text(live, done)
             if done:
                 ended.append(live)
             out.append((work, work.event("delta", delta if self.stream_events else "")))
@@ -110,6 +101,22 @@ class Streamer:
         for live in ended:
             if not live.work.future.done():
                 live.work.future.set_result(live.work.outcome())
+
+    @staticmethod
+    def _new_text(live: Live, done: bool) -> str:
+        """The row's text since the last round (all of it held back, when ``done``)."""
+        work = live.work
+        count = len(live.ids)
+        delta = ""
+        if work.assembler is not None:
+            if count > live.sent:
+                delta = work.assembler.push(live.ids[live.sent:count])
+                live.sent = count
+                live.stop_seen = work.assembler.stopped
+            if done:
+                delta += work.assembler.finish()
+        work.tokens = count
+        return delta
 
     def _append_until_sent(self, rows: list[tuple[Work, tuple[str, int, int, str, int]]],
                            ) -> list[int]:
