@@ -2,8 +2,9 @@
 
 ``mode`` decides what happens to the bytes: ``pass`` forwards both ways; ``lose_replies``
 forwards requests on open connections but drops every reply and closes the connection (the
-server did the work, the client never hears of it); ``blackhole`` forwards nothing and answers
-nothing. In both, a new connection is closed at once.
+server did the work, the client never hears of it); ``blackhole`` holds every byte until the
+mode is ``pass`` again (a network partition that heals: TCP delivers late, loses nothing). In
+both, a new connection is closed at once.
 ``reset()`` closes every open connection at once."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from typing import Literal
 
 Mode = Literal["pass", "lose_replies", "blackhole"]
@@ -55,10 +57,10 @@ class Proxy:
                 data = b""
             if not data:
                 break
-            if self.mode == "blackhole" or (replies and self.mode == "lose_replies"):
-                if replies and self.mode == "lose_replies":
-                    break  # the request was served; its reply is lost with the connection
-                continue
+            if replies and self.mode == "lose_replies":
+                break  # the request was served; its reply is lost with the connection
+            while self.mode == "blackhole" and not self._closed:  # held, as by a partition
+                time.sleep(0.02)
             try:
                 sink.sendall(data)
             except OSError:

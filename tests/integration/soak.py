@@ -60,6 +60,7 @@ class Report:
     faults: Counter[str] = field(default_factory=Counter)  # the chaos run's, by kind
     workers_died: int = 0  # worker processes gone that the killer did not kill
     queued_past_deadline: int = 0
+    died_logs: list[str] = field(default_factory=list)  # the end of each such worker's log
 
     def summary(self, label: str) -> str:
         failed = dict(self.failed_codes) or {}
@@ -149,14 +150,15 @@ def _settle(producer: Producer, job_id: str, timeout: float) -> None:
             time.sleep(0.5)
 
 
-FAULTS = ("redis_kill", "proxy_reset", "redis_pause", "worker_stop")
+FAULTS = ("redis_kill", "proxy_reset", "redis_pause", "blackhole", "worker_stop")
 
 
 def _faults(cluster: Cluster, every: float, stop: threading.Event,
             done: Counter[str]) -> None:
     """One fault every ``every`` seconds, in turn: the Redis process SIGKILLed and restarted
-    (AOF) a second later; every worker connection reset (the proxy); Redis paused 2 s; a worker
-    SIGSTOPped past its lease, then continued."""
+    (AOF) a second later; every worker connection reset (the proxy); Redis paused 2 s; workers
+    cut off from Redis (the proxy holds their bytes) past their leases; a worker SIGSTOPped past
+    its lease, then continued."""
     for fault in itertools.cycle(FAULTS):
         if stop.wait(every):
             return
@@ -169,6 +171,10 @@ def _faults(cluster: Cluster, every: float, stop: threading.Event,
             cluster.proxy.reset()
         elif fault == "redis_pause" and cluster.redis.proc is not None:
             _paused(cluster.redis.proc.pid, 2.0)
+        elif fault == "blackhole" and cluster.proxy is not None:
+            cluster.proxy.mode = "blackhole"  # workers cut off from Redis past their leases
+            stop.wait(float(FAST["VLMQ_LEASE_S"]) + 1.5)
+            cluster.proxy.mode = "pass"
         elif fault == "worker_stop":
             ready = [w for w in cluster.workers if _ready(w)]
             if len(ready) < 2:
@@ -253,8 +259,9 @@ def analyse(cluster: Cluster, ids: list[str], kills: list[Kill]) -> Report:
         report.stale_refused += len(_STALE.findall(text))
     report.committed_twice = [job_id for job_id, n in commits.items() if n > 1]
     killed = {kill.pid for kill in kills}
-    report.workers_died = sum(not w.alive() and w.proc.pid not in killed
-                              for w in cluster.workers)
+    died = [w for w in cluster.workers if not w.alive() and w.proc.pid not in killed]
+    report.workers_died = len(died)
+    report.died_logs = [w.log()[-3000:] for w in died]
     report.recoveries = _recoveries(kills, histories)
     return report
 
@@ -293,7 +300,8 @@ def check_soak(report: Report, label: str) -> None:
     assert report.lost == []
     assert report.bad_streams == []
     assert report.committed_twice == []
-    assert report.workers_died == 0 and report.queued_past_deadline == 0
+    assert report.workers_died == 0, report.died_logs
+    assert report.queued_past_deadline == 0
     assert sum(report.statuses.values()) == SOAK_JOBS
     # every kill is at a worker holding jobs: some were retried elsewhere, and each kill that
     # cost jobs had them RUNNING again (or finished) afterwards

@@ -42,3 +42,28 @@ def test_closing_a_channel_with_unacked_messages_after_redis_died_does_not_raise
         assert channel.qos._delivered == {}
     finally:
         server.stop()
+
+
+def test_acking_on_a_channel_whose_connection_is_gone_does_not_raise(
+        caplog: pytest.LogCaptureFixture) -> None:
+    unacked.install()
+    server = RedisServer()
+    connection = Connection(server.url)
+    try:
+        channel: Any = connection.channel()
+        queue = Queue("q-late-ack", Exchange("q-late-ack"), "q-late-ack", channel=channel)
+        queue.declare()
+        connection.Producer(channel).publish({"job": 2}, exchange="q-late-ack",
+                                              routing_key="q-late-ack")
+        received: list[Any] = []
+        connection.Consumer(queue, callbacks=[lambda _body, m: received.append(m)],
+                            channel=channel).consume()
+        connection.drain_events(timeout=5)
+        channel._disconnect_pools()
+        channel.connection = None  # the transport let go of the channel (connection lost)
+        received[0].ack()  # the task ended after that: raised AttributeError ('client')
+        assert "could not acknowledge message" in caplog.text
+        channel.qos._flush()  # forgotten here (kombu drops acked tags at its next flush)
+        assert channel.qos._delivered == {}
+    finally:
+        server.stop()
