@@ -25,9 +25,10 @@ test: venv
 test-unit: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit
 
-# the soaks at full size (Redis broker, then RabbitMQ): 1000 jobs each, workers SIGKILLed
+# the soaks at full size (Redis broker, chaos, RabbitMQ): 2000 jobs each, workers SIGKILLed;
+# chaos also kills, pauses and restarts Redis and resets worker connections (tests/proxy.py)
 chaos: venv
-	HF_HUB_OFFLINE=1 VLMQ_SOAK_JOBS=$${VLMQ_SOAK_JOBS:-1000} $(PY) -m pytest -q -s -p no:cacheprovider -m chaos
+	HF_HUB_OFFLINE=1 VLMQ_SOAK_JOBS=$${VLMQ_SOAK_JOBS:-2000} $(PY) -m pytest -q -s -p no:cacheprovider -m chaos
 
 lint: venv
 	$(VENV)/bin/ruff check .

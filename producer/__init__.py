@@ -8,6 +8,8 @@ from producer.errors import (
     JobFailed,
     JobNotFound,
     JobTimeout,
+    NoWorkerForModel,
+    SubmitUncertain,
     VlmqError,
 )
 from producer.schema import (
@@ -36,6 +38,8 @@ __all__ = [
     "JobState",
     "JobStatus",
     "JobTimeout",
+    "NoWorkerForModel",
+    "SubmitUncertain",
     "Producer",
     "StreamEvent",
     "VlmqError",

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from producer import keys, records
+from producer import durability, keys, records
 from producer.broker import Broker
 from producer.errors import JobNotFound, NotAllowed
 from producer.records import Index, LedgerConfig
@@ -140,7 +140,9 @@ class AdminCore:
         queues = {}
         for name in (yield from self.queue_names()):
             queues[name] = yield from self.queue_depth(name)
-        return {"queues": queues, "oldest_queued": oldest, "jobs": counts, "workers": workers}
+        ledger = yield from durability.read()  # an evicting Redis loses records silently
+        return {"queues": queues, "oldest_queued": oldest, "jobs": counts, "workers": workers,
+                "redis": ledger.as_dict()}
 
     def backlog(self) -> Op[dict[str, dict[str, Any]]]:
         """Per queue (one per model): broker ``depth`` (None when it cannot say), the QUEUED

@@ -56,7 +56,10 @@ def run(producer: Producer, args: argparse.Namespace) -> int:
         if args.prometheus:
             print(render(producer.backlog()), end="")
         else:
-            _print(producer.stats())
+            found = producer.stats()
+            _print(found)
+            for line in found["redis"]["problems"] + found["redis"]["warnings"]:
+                print(f"vlmq: warning: {line}", file=sys.stderr)
     elif args.command == "jobs":
         _print([s.model_dump(mode="json") for s in producer.jobs(args.status, args.limit)])
     elif args.command == "retry":

@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from producer import keys
 from producer.broker import Broker, make_celery
 from producer.core import ClientCore
-from producer.records import DEFAULT_RETENTION_S, LedgerConfig
+from producer.records import DEFAULT_QUEUED_RETENTION_S, DEFAULT_RETENTION_S, LedgerConfig
 from producer.s3 import ResultReader, S3Config
 from producer.schema import (
     DEFAULT_LIMITS,
@@ -102,13 +102,20 @@ async def iterate(client: aioredis.Redis, op: Op[Any]) -> AsyncIterator[Any]:
 
 
 async def run(client: aioredis.Redis, op: Op[T]) -> T:
+    """``producer.transport.run``, awaited: a failed step is raised inside the operation."""
     reply: Any = None
+    error: Exception | None = None
     while True:
         try:
-            step = op.send(reply)
+            step = op.send(reply) if error is None else op.throw(error)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-        reply = None if isinstance(step, Emit) else await execute(client, step)
+        reply, error = None, None
+        if not isinstance(step, Emit):
+            try:
+                reply = await execute(client, step)
+            except Exception as failed:
+                error = failed
 
 
 class AsyncProducer:
@@ -116,6 +123,7 @@ class AsyncProducer:
 
     def __init__(self, redis_url: str = keys.DEFAULT_REDIS_URL, *, broker_url: str | None = None,
                  limits: Limits = DEFAULT_LIMITS, retention_s: int = DEFAULT_RETENTION_S,
+                 queued_retention_s: int = DEFAULT_QUEUED_RETENTION_S,
                  s3: S3Config | None = None, security_key: str | None = None,
                  security_certificate: str | None = None,
                  security_key_password: str | None = None) -> None:
@@ -125,7 +133,8 @@ class AsyncProducer:
         self.broker_url = broker_url or redis_url
         self._celery = make_celery(self.broker_url, signer)
         self._broker = Broker(self._celery, self.broker_url)
-        self._core = ClientCore(LedgerConfig(retention_s, signer=signer), self._broker,
+        self._core = ClientCore(LedgerConfig(retention_s, signer=signer,
+                                             queued_retention_s=queued_retention_s), self._broker,
                                 ResultReader(s3 or S3Config()), limits)
 
     async def _run(self, op: Op[T]) -> T:
@@ -143,9 +152,11 @@ class AsyncProducer:
 
     async def submit(self, messages: list[dict[str, Any]] | None = None, *,
                      prompt: str | None = None, images: list[str] | None = None,
-                     request: JobRequest | None = None, **options: Any) -> str:
+                     request: JobRequest | None = None, require_worker: bool = True,
+                     **options: Any) -> str:
         return await self._run(self._core.submit(messages, prompt=prompt, images=images,
-                                                 request=request, **options))
+                                                 request=request, require_worker=require_worker,
+                                                 **options))
 
     async def enqueue(self, job_id: str, queue: str = keys.DEFAULT_QUEUE) -> None:
         await self._run(self._core.enqueue(job_id, queue))

@@ -108,7 +108,7 @@ class JobState(WireModel):
     result_uri: str | None = None
 
 
-EventType = Literal["delta", "done", "error", "cancelled"]
+EventType = Literal["delta", "restart", "done", "error", "cancelled"]
 
 
 class StreamEvent(WireModel):
@@ -124,7 +124,9 @@ class StreamEvent(WireModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: ErrorInfo | None = None
+    attempt: int | None = None  # restart: the attempt that took over
+    from_seq: int | None = None  # restart: deltas from this seq on (up to this event) are void
 
     @property
     def terminal(self) -> bool:
-        return self.type != "delta"
+        return self.type not in ("delta", "restart")

@@ -21,8 +21,11 @@ from producer.errors import (
     JobNotFound,
     JobTimeout,
     NotAllowed,
+    NoWorkerForModel,
     ResultUnavailable,
+    SubmitUncertain,
 )
+from producer.records import DEFAULT_QUEUED_RETENTION_S as DEFAULT_QUEUED
 from producer.s3 import S3Config
 from producer.signing import SigningError
 
@@ -75,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                              "same key, another request: exit 10")
     submit.add_argument("--idempotency-scope", default=None,
                         help="namespace for --idempotency-key (e.g. this producer's name)")
+    submit.add_argument("--no-require-worker", action="store_false", dest="require_worker",
+                        help="queue the job even if no live worker serves its model (exit 12 "
+                             "otherwise)")
     submit.add_argument("--wait", action="store_true", help="wait and print the result")
     submit.add_argument("--stream", action="store_true",
                         help="print tokens as they arrive, then the final status line")
@@ -106,6 +112,9 @@ def _follow(producer: Producer, job_id: str, after: int | None, as_json: bool,
         last = event
         if as_json:
             print(event.model_dump_json(), flush=True)
+        elif event.type == "restart":  # attempt n's text replaces everything printed so far
+            print(f"\n[{job_id}] attempt {event.attempt} restarted the text", file=sys.stderr)
+            print(event.delta, end="", flush=True)
         elif event.delta:
             print(event.delta, end="", flush=True)
     if not as_json:
@@ -137,7 +146,8 @@ def _submit(producer: Producer, args: argparse.Namespace) -> int:
     if args.parts:
         options["prompt_parts"] = _read_json(args.parts)
     job_id = producer.submit(messages, prompt=args.prompt,
-                             images=args.image or None if args.prompt else None, **options)
+                             images=args.image or None if args.prompt else None,
+                             require_worker=args.require_worker, **options)
     if args.stream:
         print(f"[{job_id}]", file=sys.stderr)
         return _follow(producer, job_id, None, False, args.timeout)
@@ -158,6 +168,8 @@ _EXITS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int, s
     (CorruptRecord, 9, ""),
     (IdempotencyConflict, 10, ""),
     (SigningError, 8, "cannot sign: "),
+    (SubmitUncertain, 11, ""),
+    (NoWorkerForModel, 12, ""),
     (redis.exceptions.AuthenticationError, 5,
      "Redis refused the credentials (authentication failed): "),
     ((OSError, redis.exceptions.ConnectionError, kombu.exceptions.OperationalError), 5,
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         with Producer(args.redis_url or env("VLMQ_REDIS_URL", keys.DEFAULT_REDIS_URL),
                       broker_url=args.broker_url or env("VLMQ_BROKER_URL"),
                       s3=S3Config.from_env(os.environ),  # only for results stored in S3
+                      queued_retention_s=int(env("VLMQ_QUEUED_RETENTION_S", DEFAULT_QUEUED)),
                       security_key=env("VLMQ_SECURITY_KEY"),
                       security_certificate=env("VLMQ_SECURITY_CERTIFICATE"),
                       security_key_password=env("VLMQ_SECURITY_KEY_PASSWORD")) as producer:

@@ -14,7 +14,7 @@ from producer import keys
 from producer.broker import Broker, make_celery
 from producer.core import ClientCore, build_request
 from producer.jobs import Ledger
-from producer.records import DEFAULT_RETENTION_S
+from producer.records import DEFAULT_QUEUED_RETENTION_S, DEFAULT_RETENTION_S
 from producer.s3 import ResultReader, S3Config
 from producer.schema import (
     DEFAULT_LIMITS,
@@ -40,12 +40,14 @@ class Producer:
 
     def __init__(self, redis_url: str = keys.DEFAULT_REDIS_URL, *, broker_url: str | None = None,
                  limits: Limits = DEFAULT_LIMITS, retention_s: int = DEFAULT_RETENTION_S,
+                 queued_retention_s: int = DEFAULT_QUEUED_RETENTION_S,
                  s3: S3Config | None = None, security_key: str | None = None,
                  security_certificate: str | None = None,
                  security_key_password: str | None = None) -> None:
         signer = signer_from(security_key, security_certificate, security_key_password)
         self.redis = connect(redis_url)
-        self.ledger = Ledger(self.redis, retention_s=retention_s, signer=signer)
+        self.ledger = Ledger(self.redis, retention_s=retention_s, signer=signer,
+                             queued_retention_s=queued_retention_s)
         self.limits = limits
         self.broker_url = broker_url or redis_url
         self._celery = make_celery(self.broker_url, signer)
@@ -65,11 +67,14 @@ class Producer:
 
     def submit(self, messages: list[dict[str, Any]] | None = None, *, prompt: str | None = None,
                images: list[str] | None = None, request: JobRequest | None = None,
-               **options: Any) -> str:
+               require_worker: bool = True, **options: Any) -> str:
         """Accept a job and return its id. Options: GenerationParams fields, model, ttl_s,
-        idempotency_key, metadata, result_store, max_pixels."""
+        idempotency_key, metadata, result_store, max_pixels. NoWorkerForModel when no live
+        worker serves the model (unless ``require_worker=False``); SubmitUncertain when the
+        write's outcome is unknown."""
         return self.ledger.run(self._core.submit(messages, prompt=prompt, images=images,
-                                                 request=request, **options))
+                                                 request=request, require_worker=require_worker,
+                                                 **options))
 
     def enqueue(self, job_id: str, queue: str = keys.DEFAULT_QUEUE) -> None:
         """Send the task message for an existing record (also used to re-send a lost one)."""

@@ -14,9 +14,10 @@ import time
 import uuid
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
-from producer import records
+from producer import keys, records
 from producer.admin import AdminCore, known
 from producer.broker import Broker, queue_for_model
 from producer.errors import (
@@ -24,13 +25,16 @@ from producer.errors import (
     JobFailed,
     JobNotFound,
     JobTimeout,
+    NoWorkerForModel,
     ResultUnavailable,
+    SubmitUncertain,
 )
 from producer.records import LedgerConfig
 from producer.replies import CancelOutcome, parse_result, parse_state
 from producer.s3 import ResultReader
 from producer.schema import DEFAULT_LIMITS, JobRequest, JobResult, JobState, JobStatus, Limits
-from producer.steps import Blocking, Emit, Op
+from producer.steps import Blocking, Emit, Op, call
+from producer.transport import refused
 
 _PARAM_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                 "repetition_penalty", "seed", "stop", "bad_words", "end_tokens", "num_beams")
@@ -77,12 +81,20 @@ class ClientCore(AdminCore):
 
     def submit(self, messages: list[dict[str, Any]] | None = None, *, prompt: str | None = None,
                images: list[str] | None = None, request: JobRequest | None = None,
-               **options: Any) -> Op[str]:
+               require_worker: bool = True, **options: Any) -> Op[str]:
         if request is None:
             request = build_request(messages, prompt=prompt, images=images, limits=self.limits,
                                     **options)
         queue = queue_for_model(request.model)
-        created = yield from records.create(self.ledger, uuid.uuid4().hex, request, queue)
+        if require_worker and not (yield call("EXISTS", keys.serving_key(queue))):
+            raise NoWorkerForModel(request.model, queue)
+        job_id = uuid.uuid4().hex  # made before writing: a lost write still has a name
+        try:
+            created = yield from records.create(self.ledger, job_id, request, queue)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            if refused(error):  # credentials or certificates: nothing was written
+                raise
+            raise SubmitUncertain(job_id, error) from error
         if created.created:
             yield from self.enqueue(created.job_id, queue)
         return created.job_id

@@ -80,3 +80,27 @@ class ResultUnavailable(VlmqError):
 
 class NotAllowed(VlmqError):
     """The job is not in a state that allows this action (e.g. retrying a SUCCEEDED job)."""
+
+
+class SubmitUncertain(VlmqError):
+    """``submit`` lost its connection (or timed out) while writing the job: it may have been
+    accepted or not. ``job_id`` is the id it was written under: ``status(job_id)`` tells once
+    Redis answers (JobNotFound: not accepted), and a submit with the same ``idempotency_key``
+    is safe to send again (it answers the first job's id if that one was written)."""
+
+    def __init__(self, job_id: str, error: BaseException) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} may or may not have been accepted ({type(error).__name__}:"
+                         f" {error}); check status({job_id!r}) or submit again with the same "
+                         f"idempotency_key")
+
+
+class NoWorkerForModel(VlmqError):
+    """No live worker has served this model's queue within ``keys.SERVED_WINDOW_S``: the job
+    would wait for a worker that may never come. Submit with ``require_worker=False`` to queue
+    it anyway (a worker started later takes it; ``ttl_s`` bounds the wait)."""
+
+    def __init__(self, model: str | None, queue: str) -> None:
+        self.model, self.queue = model, queue
+        super().__init__(f"no live worker serves model {model or '(none)'} (queue {queue}); "
+                         f"start one, or submit with require_worker=False to queue it anyway")

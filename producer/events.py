@@ -17,10 +17,13 @@ from producer.answers import SCHEMA_VERSION, ErrorInfo, EventType, FinishReason,
 
 def event_body(job_id: str, etype: EventType, *, delta: str = "",
                finish_reason: FinishReason | None = None, usage: Usage | None = None,
-               error: ErrorInfo | None = None) -> str:
-    """The event's JSON object, open: everything but ``seq``, ``tokens`` and ``ts``."""
+               error: ErrorInfo | None = None, attempt: int | None = None) -> str:
+    """The event's JSON object, open: everything but ``seq``, ``tokens`` and ``ts``. A
+    ``restart`` names its ``attempt`` and voids every earlier delta (``from_seq`` 0)."""
     fields: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "job_id": job_id,
                               "type": etype, "delta": delta}
+    if etype == "restart":
+        fields.update(attempt=attempt, from_seq=0)
     if finish_reason is not None:
         fields["finish_reason"] = finish_reason
     if usage is not None:
@@ -42,9 +45,37 @@ def parse_event(fields: dict[Any, Any]) -> StreamEvent:
     return StreamEvent.model_validate_json(data or b"")
 
 
+def apply(text: dict[int, str], event: StreamEvent) -> None:
+    """Add one event to ``text`` (delta text by seq): a ``restart`` first drops the deltas it
+    voids (seq >= its ``from_seq``). ``"".join(text.values())`` is then the text so far."""
+    if event.type == "restart":
+        for seq in [s for s in text if s >= (event.from_seq or 0)]:
+            del text[seq]
+    text[event.seq] = event.delta
+
+
+def text_of(events: list[StreamEvent]) -> str:
+    """The text a stream's events add up to, restarts applied: the result's text."""
+    text: dict[int, str] = {}
+    for event in events:
+        apply(text, event)
+    return "".join(text.values())
+
+
+def _unvoided(events: list[StreamEvent]) -> list[StreamEvent]:
+    """Drop the deltas a later restart in the same list voids (they were never yielded)."""
+    keep: list[StreamEvent] = []
+    for event in events:
+        if event.type == "restart":
+            keep = [e for e in keep if e.seq < (event.from_seq or 0)]
+        keep.append(event)
+    return keep
+
+
 def new_events(found: Any, last_id: Any, after: int | None) -> tuple[Any, list[StreamEvent]]:
     """From one XREAD answer: the id to read on from, and the events to yield (those after
-    seq ``after``, up to and including the terminal one)."""
+    seq ``after``, up to and including the terminal one; deltas a restart in the same answer
+    voids are left out)."""
     events: list[StreamEvent] = []
     for _stream, entries in found or []:
         for entry_id, fields in entries:
@@ -53,5 +84,5 @@ def new_events(found: Any, last_id: Any, after: int | None) -> tuple[Any, list[S
             if after is None or event.seq > after:
                 events.append(event)
                 if event.terminal:
-                    return last_id, events
-    return last_id, events
+                    return last_id, _unvoided(events)
+    return last_id, _unvoided(events)

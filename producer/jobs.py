@@ -57,9 +57,10 @@ class Ledger:
 
     def __init__(self, client: redis.Redis, *, retention_s: int = DEFAULT_RETENTION_S,
                  stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
-                 signer: Signer | None = None) -> None:
+                 signer: Signer | None = None,
+                 queued_retention_s: int = records.DEFAULT_QUEUED_RETENTION_S) -> None:
         self.redis = client
-        self.config = LedgerConfig(retention_s, stream_maxlen, signer)
+        self.config = LedgerConfig(retention_s, stream_maxlen, signer, queued_retention_s)
 
     def run(self, op: Op[T]) -> T:
         return run(self.redis, op)
@@ -90,8 +91,9 @@ class Ledger:
         event, in ONE pipelined round trip. Per row: ``replies.Append`` values."""
         return self.run(records.append(self.config, rows))
 
-    def finish(self, job_id: str, fence: int, ending: Ending) -> Commit:
-        return self.run(records.finish(self.config, job_id, fence, ending))
+    def finish(self, job_id: str, fence: int, ending: Ending,
+               next_seq: int | None = None) -> Commit:
+        return self.run(records.finish(self.config, job_id, fence, ending, next_seq))
 
     def release(self, job_id: str, fence: int) -> Commit:
         return self.run(records.release(job_id, fence))
@@ -111,6 +113,9 @@ class Ledger:
 
     def unindex(self, index: Index, job_id: str) -> None:
         self.run(records.unindex(index, job_id))
+
+    def expire_queued(self, job_id: str) -> bool:
+        return self.run(records.expire_queued(self.config, job_id))
 
     def mark_sent(self, job_id: str, now: float) -> None:
         self.run(records.mark_sent(job_id, now))

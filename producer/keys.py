@@ -62,3 +62,10 @@ def worker_key(worker_id: str) -> str:
 
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
+SERVED_WINDOW_S = 300  # a queue counts as served this long after a live worker last said so
+
+
+def serving_key(queue: str) -> str:
+    """String naming the last worker that consumed ``queue``; expires ``SERVED_WINDOW_S``
+    after the last health report that renewed it."""
+    return f"{PREFIX}:serving:{queue}"

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vlmq.ledger")
 DEFAULT_RETENTION_S = 86_400
+DEFAULT_QUEUED_RETENTION_S = 7 * 86_400  # a QUEUED record no worker ever takes is dropped then
 DEFAULT_STREAM_MAXLEN = 10_000
 
 
@@ -63,6 +64,7 @@ class LedgerConfig:
     retention_s: int = DEFAULT_RETENTION_S
     stream_maxlen: int = DEFAULT_STREAM_MAXLEN
     signer: Signer | None = None  # signs the records ``create`` writes (producer.signing)
+    queued_retention_s: int = DEFAULT_QUEUED_RETENTION_S  # a new record's expiry (QUEUED)
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,10 @@ def create(cfg: LedgerConfig, job_id: str, request: JobRequest, queue: str) -> O
         if request.idempotency_key else ""
     digest = hashlib.sha256(fields["request"].encode()).hexdigest()
     flat = [item for pair in fields.items() for item in pair]
-    created, found = yield Eval(scripts.CREATE, (keys.job_key(job_id), idem, keys.QUEUED_INDEX),
-                                (job_id, repr(now), cfg.retention_s, digest, *flat))
+    (created, found), _expiry = yield Batch((
+        Eval(scripts.CREATE, (keys.job_key(job_id), idem, keys.QUEUED_INDEX),
+             (job_id, repr(now), cfg.retention_s, digest, *flat)),
+        call("EXPIRE", keys.job_key(job_id), cfg.queued_retention_s)), atomic=True)
     first, _, stored = text(found).partition(" ")
     if stored and stored != digest:
         raise IdempotencyConflict(request.idempotency_key or "", first)
@@ -195,12 +199,14 @@ def append(cfg: LedgerConfig, rows: list[Row]) -> Op[list[Append]]:
     return [Append(int(reply)) for reply in replies]
 
 
-def finish(cfg: LedgerConfig, job_id: str, fence: int, ending: Ending) -> Op[Commit]:
-    """Move a RUNNING job we hold to its final status and emit its terminal event."""
+def finish(cfg: LedgerConfig, job_id: str, fence: int, ending: Ending,
+           next_seq: int | None = None) -> Op[Commit]:
+    """Move a RUNNING job we hold to its final status and emit its terminal event; with
+    ``next_seq``, only if the stream holds every event before it (else ``Commit.BEHIND``)."""
     flat = [item for pair in ending.fields.items() for item in pair]
     reply = yield Eval(scripts.FINISH, tuple(keys.job_keys(job_id)), (
         job_id, _now(), cfg.retention_s, cfg.stream_maxlen, fence, ending.status.value,
-        ending.body, *flat))
+        ending.body, "" if next_seq is None else next_seq, *flat))
     return Commit(int(reply))
 
 
@@ -278,6 +284,15 @@ def statuses(ids: list[str]) -> Op[list[str]]:
         return []
     found = yield Batch(tuple(call("HGET", keys.job_key(i), "status") for i in ids))
     return [text(s) if s else "" for s in found]
+
+
+def expire_queued(cfg: LedgerConfig, job_id: str) -> Op[bool]:
+    """End a QUEUED job past its deadline as EXPIRED (terminal event, nothing fetched);
+    False when it is not QUEUED or not past its deadline."""
+    reply = yield Eval(scripts.EXPIRE_QUEUED, tuple(keys.job_keys(job_id)), (
+        job_id, _now(), cfg.retention_s, cfg.stream_maxlen,
+        event_body(job_id, "cancelled", finish_reason="deadline")))
+    return bool(reply)
 
 
 def mark_sent(job_id: str, now: float) -> Op[None]:

@@ -146,13 +146,16 @@ class Append(IntEnum):
     STALE = 0  # the fence is stale
     KEPT = 1
     CANCEL = 2  # written, and cancel was asked
+    BEHIND = 3  # not written: the stream lost entries before this seq (re-append them)
 
 
 class Commit(IntEnum):
-    """FINISH and RELEASE: refused (not RUNNING under this fence) or done. Falsy when refused."""
+    """FINISH and RELEASE: refused (not RUNNING under this fence) or done. Falsy when refused.
+    FINISH with an expected seq also answers BEHIND: the stream lost entries (nothing done)."""
 
     REFUSED = 0
     DONE = 1
+    BEHIND = 2
 
 
 class CancelOutcome(StrEnum):

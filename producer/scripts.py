@@ -184,26 +184,38 @@ return 0
 """)
 
 # ARGV: fence, seq, event JSON ('' = none), maxlen, tokens.
-# Returns 0 if the fence is stale (the job is no longer ours), 2 if cancel was asked, else 1.
-# Safe to send again after a lost connection: an event whose seq is already there is skipped.
+# Returns 0 if the fence is stale (the job is no longer ours), 3 if the stream is behind this
+# seq (entries were lost: the writer re-appends them, ``worker.engine.repair``), 2 if cancel was
+# asked, else 1. Safe to send again after a lost connection: an event whose seq is already
+# there is skipped.
 APPEND = Script("append", _COMMON + r"""
 if redis.call('HGET', JOB, 'fence') ~= ARGV[1] then return 0 end
-if ARGV[3] ~= '' and next_seq() == tonumber(ARGV[2]) then
-  redis.call('XADD', STREAM, 'MAXLEN', '~', ARGV[4], '*', 'seq', ARGV[2], 'data', ARGV[3])
-  redis.call('PUBLISH', CHANNEL, ARGV[3])
+local behind = false
+if ARGV[3] ~= '' then
+  local expected = next_seq()
+  if expected == tonumber(ARGV[2]) then
+    redis.call('XADD', STREAM, 'MAXLEN', '~', ARGV[4], '*', 'seq', ARGV[2], 'data', ARGV[3])
+    redis.call('PUBLISH', CHANNEL, ARGV[3])
+  elseif expected < tonumber(ARGV[2]) then
+    behind = true
+  end
 end
 redis.call('HSET', JOB, 'tokens', ARGV[5])
+if behind then return 3 end
 if redis.call('HGET', JOB, 'cancel') == '1' then return 2 end
 return 1
 """)
 
-# ARGV: id, now, retention, maxlen, fence, status, terminal event body, field/value pairs.
-# Returns 1 if committed, 0 if refused (not RUNNING, or not our fence).
+# ARGV: id, now, retention, maxlen, fence, status, terminal event body, the stream's expected
+# next seq ('' = no check), field/value pairs. Returns 1 if committed, 0 if refused (not
+# RUNNING, or not our fence), 2 if the stream is behind the expected seq (entries were lost:
+# the worker re-appends them and finishes again).
 FINISH = Script("finish", _COMMON + r"""
 local status = redis.call('HGET', JOB, 'status')
 if status ~= 'RUNNING' or redis.call('HGET', JOB, 'fence') ~= ARGV[5] then return 0 end
+if ARGV[8] ~= '' and next_seq() < tonumber(ARGV[8]) then return 2 end
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 if #fields > 0 then redis.call('HSET', JOB, unpack(fields)) end
 finish(ARGV[1], ARGV[6], ARGV[2], ARGV[3])
 emit(ARGV[7], ARGV[2], ARGV[4])
@@ -272,4 +284,16 @@ redis.call('DEL', STREAM)
 redis.call('ZREM', DONE, ARGV[1])
 redis.call('ZADD', QUEUED, now, ARGV[1])
 return {'queued'}
+""")
+
+# ARGV: id, now, retention, maxlen, expired event body. A QUEUED job past its deadline ends
+# EXPIRED (the reconciler's sweep: no worker took it in time). Returns 1 if ended, else 0.
+EXPIRE_QUEUED = Script("expire_queued", _COMMON + r"""
+if redis.call('HGET', JOB, 'status') ~= 'QUEUED' then return 0 end
+local deadline = tonumber(redis.call('HGET', JOB, 'deadline_at') or '')
+if not deadline or tonumber(ARGV[2]) < deadline then return 0 end
+redis.call('HSET', JOB, 'finish_reason', 'deadline')
+finish(ARGV[1], 'EXPIRED', ARGV[2], ARGV[3])
+emit(ARGV[5], ARGV[2], ARGV[4])
+return 1
 """)

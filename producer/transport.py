@@ -107,11 +107,18 @@ def iterate(client: redis.Redis, op: Op[T]) -> Iterator[Any]:
 
 
 def run(client: redis.Redis, op: Op[T]) -> T:
-    """Run an operation to its answer."""
+    """Run an operation to its answer. A step that fails is raised inside the operation, at
+    its ``yield`` (it may answer it: ``submit`` turns a lost write into SubmitUncertain)."""
     reply: Any = None
+    error: Exception | None = None
     while True:
         try:
-            step = op.send(reply)
+            step = op.send(reply) if error is None else op.throw(error)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-        reply = None if isinstance(step, Emit) else execute(client, step)
+        reply, error = None, None
+        if not isinstance(step, Emit):
+            try:
+                reply = execute(client, step)
+            except Exception as failed:
+                error = failed

@@ -15,6 +15,7 @@ from celery import Celery
 
 from producer import keys
 from producer.broker import broker_queue, queue_for_model
+from worker.ops import unacked
 from worker.security import configure, signing_problems
 from worker.settings import WorkerSettings
 
@@ -45,6 +46,7 @@ def check_config(settings: WorkerSettings) -> list[str]:
 
 
 def create_app(settings: WorkerSettings) -> Celery:
+    unacked.install()  # a broker Redis lost with messages in hand: reconnect, not exit
     app = Celery("vlmq-worker", broker=settings.broker(), set_as_current=True)
     transport = {"visibility_timeout": int(visibility_timeout(settings))}
     app.conf.update(

@@ -38,7 +38,7 @@ import redis
 from celery import Celery, signals
 from celery.exceptions import Reject
 
-from producer import keys
+from producer import durability, keys
 from producer.broker import broker_ssl
 from producer.signing import Signer, SigningError, Verifier
 from worker.errors import InvalidRequest
@@ -156,10 +156,18 @@ def _refusal(error: redis.RedisError) -> str | None:
     return None
 
 
-def _check_redis(what: str, url: str) -> str | None:
+def _check_redis(what: str, url: str, allow_eviction: bool | None = None) -> str | None:
+    """A refusal of this Redis; ``allow_eviction`` not None: it holds the ledger, whose
+    durability is checked too (``producer.durability``)."""
     client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
     try:
         client.ping()
+        if allow_eviction is not None:
+            found = durability.check(client)
+            for warning in found.warnings:
+                log.warning("%s", warning)
+            if found.problems and not allow_eviction:
+                return found.problems[0]
     except redis.RedisError as error:
         why = _refusal(error)
         if why is not None:
@@ -189,7 +197,8 @@ def preflight(settings: WorkerSettings) -> list[str]:
             problems.append(f"signing: {error}")
     for what, url in (("ledger Redis", settings.redis_url), ("broker Redis", settings.broker())):
         if url.startswith(("redis://", "rediss://", "unix://")):
-            found = _check_redis(what, url)
+            found = _check_redis(what, url, settings.allow_eviction if what == "ledger Redis"
+                                 else None)
             if found:
                 problems.append(found)
         if settings.broker() == settings.redis_url:

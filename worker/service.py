@@ -96,7 +96,8 @@ class Service:
         health = HealthReporter(
             path=settings.health_file, worker_id=worker_id, model=settings.served_model(),
             queues=queues, interval_s=interval, redis=client, broker=broker_redis,
-            consumer=lambda: getattr(celery_worker.get("worker"), "consumer", None))
+            consumer=lambda: getattr(celery_worker.get("worker"), "consumer", None),
+            allow_eviction=settings.allow_eviction)
         heartbeat = Heartbeat(settings, interval, health,
                               [runtime.heartbeat_once, reconciler.maybe_sweep])
         serving: set[str] = set()  # filled by ``run`` once every thread has started

@@ -75,6 +75,7 @@ class WorkerSettings(BaseSettings):
     soft_shutdown_s: float = Field(10.0, ge=0)  # on SIGTERM, time for jobs in hand to finish
     reconcile_interval_s: float = Field(10.0, gt=0)
     requeue_grace_s: float = Field(60.0, gt=0)
+    allow_eviction: bool = False  # serve on a ledger Redis that evicts keys (records can vanish)
 
     # image fetching and decoding
     fetch_connect_timeout_s: float = Field(5.0, gt=0)

@@ -21,9 +21,10 @@ from pydantic import ValidationError
 
 from producer import keys
 from producer.jobs import Ending, Ledger
-from producer.replies import Claim, ClaimOutcome, Heartbeat
+from producer.replies import Claim, ClaimOutcome, Commit, Heartbeat
 from producer.schema import ErrorCode, ErrorInfo, JobRequest, JobResult, JobStatus, Limits
 from worker import security
+from worker.engine import repair
 from worker.engine.static import Engine
 from worker.engine.work import Outcome, Work
 from worker.errors import InvalidRequest, JobError
@@ -65,12 +66,24 @@ class Runtime:
     resend: Callable[[str, str], None] | None = None  # (job_id, queue): send the task again
     # signing on: raises InvalidRequest for a record no trusted producer signed (worker.security)
     check_record: Callable[[str, str, dict[str, str]], None] | None = None  # id, key, record
+    # set by ``drain``: no more claims here; a message that still arrives is passed on
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def drain(self) -> None:
-        """Shutting down: stop every job in hand at its next step and hand it back."""
+        """Shutting down: stop every job in hand at its next step and hand it back; claim
+        nothing more (the job a hand-back re-sends must go to another worker)."""
+        self.stopping.set()
         with self.lock:
             works = list(self.active.values())
         for work in works:
+            work.handback = True
+            work.cancel.set()
+
+    def track(self, work: Work) -> None:
+        """A job in hand (``drain`` reaches it); handed back at once if draining began."""
+        with self.lock:
+            self.active[work.job_id] = work
+        if self.stopping.is_set():
             work.handback = True
             work.cancel.set()
 
@@ -102,6 +115,8 @@ def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskO
         log.warning("dropped a malformed task message: args=%.200r kwargs=%.200r", args, kwargs)
         return None
     job_id = args[0]
+    if rt.stopping.is_set():
+        return _pass_on(rt, job_id)
     claim = rt.claim(job_id)
     if claim.outcome is not ClaimOutcome.CLAIMED:
         return _not_run(rt, job_id, claim.outcome)
@@ -115,10 +130,23 @@ def run_job(rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskO
     if not rt.ledger.release(job_id, claim.fence):
         return None
     with rt.quarantine.hold(alone):
+        if rt.stopping.is_set():
+            return _pass_on(rt, job_id)
         claim = rt.claim(job_id)
         if claim.outcome is not ClaimOutcome.CLAIMED:
             return _not_run(rt, job_id, claim.outcome)
         return _run(rt, job_id, claim)
+
+
+def _pass_on(rt: Runtime, job_id: str) -> TaskOutcome:
+    """The worker is stopping: leave the job unclaimed and send its task again for another
+    worker (this one consumes nothing more once Celery's consumer has stopped)."""
+    record = rt.ledger.raw(job_id) or {}
+    if record.get("status") == JobStatus.QUEUED.value and rt.resend is not None:
+        rt.resend(job_id, record.get("queue") or keys.DEFAULT_QUEUE)
+    log.info("job %s not run: worker stopping; sent again for another worker", job_id,
+             extra={"job_id": job_id})
+    return None
 
 
 def _not_run(rt: Runtime, job_id: str, outcome: ClaimOutcome) -> ClaimOutcome:
@@ -145,9 +173,11 @@ def _run(rt: Runtime, job_id: str, claim: Claim) -> TaskOutcome:
         work = Work(job_id=job_id, fence=claim.fence,
                     request=_decode_request(claim.request, rt.settings),
                     created_at=claim.created_at, deadline=claim.deadline,
-                    already_sent=claim.sent, next_seq=claim.next_seq)
-        with rt.lock:
-            rt.active[job_id] = work
+                    already_sent=claim.sent, next_seq=claim.next_seq, attempt=claim.attempt)
+        params = work.request.params
+        if claim.sent and params.do_sample and params.seed is None:
+            work.restart()  # cannot repeat the text already streamed: start it over
+        rt.track(work)
         outcome = rt.engine.submit(work).result()
         if work.handback:
             return _hand_back(rt, job_id, claim.fence, claim.queue or keys.DEFAULT_QUEUE)
@@ -191,16 +221,28 @@ def _commit(rt: Runtime, work: Work, outcome: Outcome) -> TaskOutcome:
     ended = _end(rt, work.job_id, work.fence, ending,
                  f"finish_reason={outcome.finish_reason} tokens="
                  f"{outcome.usage.completion_tokens} total_ms={outcome.timings.total_ms:.1f}"
-                 f"{where}")
+                 f"{where}", work)
     if ended is not None and rt.metrics is not None:
         rt.metrics.job_finished(work, outcome)
     return ended
 
 
+def _finish(rt: Runtime, job_id: str, fence: int, ending: Ending, work: Work | None) -> bool:
+    """FINISH; with ``work``, only once its stream holds every event it sent (a stream that
+    lost entries gets them again first: ``worker.engine.repair``)."""
+    for _ in range(repair.MAX_TRIES):
+        answer = rt.ledger.finish(job_id, fence, ending,
+                                  None if work is None else work.next_seq)
+        if answer is not Commit.BEHIND or work is None:
+            return answer is Commit.DONE
+        repair.repair(rt.ledger, work, work.next_seq - 1)
+    return bool(rt.ledger.finish(job_id, fence, ending))  # end it anyway: seqs stay gapless
+
+
 def _end(rt: Runtime, job_id: str, fence: int, ending: Ending,
-         detail: str = "") -> JobStatus | None:
+         detail: str = "", work: Work | None = None) -> JobStatus | None:
     """Commit the job's end if the fence holds; log and count it."""
-    if not rt.ledger.finish(job_id, fence, ending):
+    if not _finish(rt, job_id, fence, ending, work):
         log.warning("job %s: commit refused (fence %d is stale)", job_id, fence,
                     extra={"job_id": job_id})
         return None

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from producer import Producer
+from producer import Producer, keys
+from producer.events import parse_event, text_of
+from tests.proxy import Proxy
 from tests.servers import RedisServer, WorkerProcess
 
 FAST = {"VLMQ_LEASE_S": "1.5", "VLMQ_RECONCILE_INTERVAL_S": "0.5", "VLMQ_REQUEUE_GRACE_S": "2",
@@ -22,8 +24,10 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 class Cluster:
     def __init__(self, path: str, image_server: Any, tmp: str, broker_url: str | None = None,
-                 fsync: str = "always") -> None:
+                 fsync: str = "always", proxied: bool = False) -> None:
         self.redis = RedisServer("--appendonly", "yes", "--appendfsync", fsync)
+        # workers reach Redis through a loopback proxy that can cut their connections
+        self.proxy = Proxy(self.redis.port) if proxied else None
         self.path, self.image_server, self.tmp = path, image_server, tmp
         self.broker_url = broker_url
         self.name = f"fault-{uuid.uuid4().hex[:6]}"
@@ -37,7 +41,8 @@ class Cluster:
 
     def start_worker(self, wait: bool = True, **env: str) -> WorkerProcess:
         broker = {"VLMQ_BROKER_URL": self.broker_url} if self.broker_url else {}
-        worker = WorkerProcess(self.path, self.redis.url, name=self.name, log_dir=self.tmp,
+        url = self.proxy.url() if self.proxy is not None else self.redis.url
+        worker = WorkerProcess(self.path, url, name=self.name, log_dir=self.tmp,
                                image_port=self.image_server.port,
                                env={**FAST, **broker, **env},
                                log_name=f"{self.name}-{len(self.workers)}")
@@ -61,6 +66,7 @@ class Cluster:
         return next(w for w in self.workers if w.proc.pid == pid)
 
     def submit(self, tokens: int = 8, **options: Any) -> str:
+        options.setdefault("require_worker", False)  # idle clusters queue before a worker
         return str(self.producer.submit(prompt="What do we see?", model=self.name,
                                         images=[self.image_server.url("/cats.png")],
                                         max_new_tokens=tokens, **options))
@@ -72,10 +78,18 @@ class Cluster:
 
     def close(self) -> None:
         WorkerProcess.stop_all(self.workers, signal.SIGKILL)
+        if self.proxy is not None:
+            self.proxy.close()
         self.producer.close()
         self.redis.stop()
         if self.broker_url:
             delete_amqp_queues(self.broker_url, [self.queue, f"q-{self.name}"])
+
+
+def stream_events(cluster: Cluster, job_id: str) -> list[Any]:
+    """Every event the job's stream holds (Producer.stream leaves out voided deltas)."""
+    return [parse_event(fields) for _id, fields in
+            cluster.producer.redis.xrange(keys.stream_key(job_id))]
 
 
 def assert_once(cluster: Cluster, job_id: str, attempts: int | None = None) -> Any:
@@ -85,10 +99,10 @@ def assert_once(cluster: Cluster, job_id: str, attempts: int | None = None) -> A
     assert state.status == "SUCCEEDED"
     if attempts is not None:
         assert state.attempts == attempts
-    events = list(cluster.producer.stream(job_id, timeout=10))
+    events = stream_events(cluster, job_id)
     assert [e.seq for e in events] == list(range(len(events)))
     assert sum(e.terminal for e in events) == 1 and events[-1].terminal
-    assert "".join(e.delta for e in events) == result.text
+    assert text_of(events) == result.text  # restarts applied (none for greedy or seeded)
     return result
 
 
@@ -102,6 +116,9 @@ def sigkill_mid_job_is_recovered(cluster: Cluster, tokens: int) -> None:
     result = assert_once(cluster, job_id, attempts=2)
     assert result.usage.completion_tokens == tokens or result.finish_reason == "stop"
     assert len(cluster.producer.redis.lrange(f"vlmq:job:{job_id}:attempts", 0, -1)) == 2
+    events = list(cluster.producer.stream(job_id, timeout=10))
+    assert "".join(e.delta for e in events) == result.text  # greedy: the text went on
+    assert not [e for e in events if e.type == "restart"]
 
 
 def delete_amqp_queues(url: str, names: list[str]) -> None:

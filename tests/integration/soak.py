@@ -10,25 +10,31 @@ worker logs (commits, refused stale commits); nothing is taken on trust from the
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
 import os
 import re
+import signal
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from producer import Producer
-from producer.errors import JobTimeout
+from producer.errors import JobTimeout, SubmitUncertain
+from producer.events import text_of
 from producer.keys import RUNNING_INDEX, job_key, stream_key
-from tests.integration.cluster import Cluster
+from producer.schema import StreamEvent
+from tests.integration.cluster import FAST, Cluster
 
 _COMMIT = re.compile(r"job ([0-9a-f]{32}) (SUCCEEDED|FAILED|CANCELLED|EXPIRED)\b")
 _STALE = re.compile(r"job ([0-9a-f]{32}): (?:commit|failure commit) refused \(fence \d+ is stale\)")
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"}
-SOAK_JOBS = int(os.environ.get("VLMQ_SOAK_JOBS", "150"))  # make chaos: 1000
+SOAK_JOBS = int(os.environ.get("VLMQ_SOAK_JOBS", "150"))  # make chaos: 2000
 
 
 @dataclass
@@ -51,6 +57,10 @@ class Report:
     recoveries: list[float] = field(default_factory=list)  # per kill that lost jobs, seconds
     retried: int = 0  # jobs that took more than one attempt
     elapsed_s: float = 0.0
+    faults: Counter[str] = field(default_factory=Counter)  # the chaos run's, by kind
+    workers_died: int = 0  # worker processes gone that the killer did not kill
+    queued_past_deadline: int = 0
+    died_logs: list[str] = field(default_factory=list)  # the end of each such worker's log
 
     def summary(self, label: str) -> str:
         failed = dict(self.failed_codes) or {}
@@ -61,7 +71,9 @@ class Report:
                 f" committed_twice={len(self.committed_twice)}"
                 f" bad_streams={len(self.bad_streams)} kills={len(self.kills)}"
                 f" (holding {sum(k.held for k in self.kills)} jobs) retried_jobs={self.retried}"
-                f" longest_recovery_s={longest:.2f} elapsed_s={self.elapsed_s:.0f}")
+                f" longest_recovery_s={longest:.2f} elapsed_s={self.elapsed_s:.0f}"
+                f" faults={dict(self.faults)} workers_died={self.workers_died}"
+                f" queued_past_deadline={self.queued_past_deadline}")
 
 
 def _ready(worker: Any) -> bool:
@@ -106,30 +118,95 @@ def _produce(cluster: Cluster, count: int, window: int, tokens: int, ids: list[s
         for i in range(count):
             while len(outstanding) >= window:
                 _settle(producer, outstanding.popleft(), job_timeout)
-            job_id = producer.submit(prompt=f"What do we see? ({i})", model=cluster.name,
-                                     images=[cluster.image_server.url("/cats.png")],
-                                     max_new_tokens=tokens)
+            job_id = _submit(producer, cluster, tokens, f"{uuid.uuid4().hex}-{i}")
             ids.append(job_id)
             outstanding.append(job_id)
         while outstanding:
             _settle(producer, outstanding.popleft(), job_timeout)
 
 
+def _submit(producer: Producer, cluster: Cluster, tokens: int, key: str) -> str:
+    """Submit until accepted; Redis away (chaos) is retried the documented way: the same
+    idempotency key, so an uncertain submit is never a second job."""
+    while True:
+        try:
+            return str(producer.submit(prompt=f"What do we see? ({key})", model=cluster.name,
+                                       images=[cluster.image_server.url("/cats.png")],
+                                       max_new_tokens=tokens, idempotency_key=key))
+        except (SubmitUncertain, redis.RedisError, OSError):
+            time.sleep(0.2)
+
+
 def _settle(producer: Producer, job_id: str, timeout: float) -> None:
-    with contextlib.suppress(JobTimeout):  # judged from the ledger at the end
-        producer.wait(job_id, timeout=timeout)
+    """Wait for the job's end (judged from the ledger at the end), through Redis outages."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            producer.wait(job_id, timeout=max(1.0, end - time.monotonic()))
+            return
+        except JobTimeout:
+            return
+        except (redis.RedisError, OSError):
+            time.sleep(0.5)
+
+
+FAULTS = ("redis_kill", "proxy_reset", "redis_pause", "blackhole", "worker_stop")
+
+
+def _faults(cluster: Cluster, every: float, stop: threading.Event,
+            done: Counter[str]) -> None:
+    """One fault every ``every`` seconds, in turn: the Redis process SIGKILLed and restarted
+    (AOF) a second later; every worker connection reset (the proxy); Redis paused 2 s; workers
+    cut off from Redis (the proxy holds their bytes) past their leases; a worker SIGSTOPped past
+    its lease, then continued."""
+    for fault in itertools.cycle(FAULTS):
+        if stop.wait(every):
+            return
+        if fault == "redis_kill" and cluster.redis.proc is not None:
+            cluster.redis.proc.kill()
+            cluster.redis.proc.wait(10)
+            stop.wait(1.0)
+            cluster.redis.start()
+        elif fault == "proxy_reset" and cluster.proxy is not None:
+            cluster.proxy.reset()
+        elif fault == "redis_pause" and cluster.redis.proc is not None:
+            _paused(cluster.redis.proc.pid, 2.0)
+        elif fault == "blackhole" and cluster.proxy is not None:
+            cluster.proxy.mode = "blackhole"  # workers cut off from Redis past their leases
+            stop.wait(float(FAST["VLMQ_LEASE_S"]) + 1.5)
+            cluster.proxy.mode = "pass"
+        elif fault == "worker_stop":
+            ready = [w for w in cluster.workers if _ready(w)]
+            if len(ready) < 2:
+                continue
+            _paused(ready[0].proc.pid, float(FAST["VLMQ_LEASE_S"]) + 2.0)
+        done[fault] += 1
+
+
+def _paused(pid: int, seconds: float) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def run_soak(cluster: Cluster, jobs: int, *, threads: int = 8, window: int = 4,
-             kill_every: float = 3.0, tokens: int = 48, job_timeout: float = 120) -> Report:
+             kill_every: float = 3.0, tokens: int = 48, job_timeout: float = 120,
+             fault_every: float | None = None) -> Report:
+    """``fault_every``: also one of ``FAULTS`` every that many seconds (the chaos run)."""
     cluster.ensure_workers(2)
     ids: list[str] = []
     kills: list[Kill] = []
+    faults: Counter[str] = Counter()
     stop = threading.Event()
     killer = threading.Thread(target=_killer, args=(cluster, kill_every, stop, kills, ids,
                                                     max(1, jobs // 10)))
+    chaos = threading.Thread(target=_faults, args=(cluster, fault_every, stop, faults))
     started = time.monotonic()
     killer.start()
+    if fault_every is not None:
+        chaos.start()
     producers = [threading.Thread(target=_produce, args=(
         cluster, jobs // threads + (1 if i < jobs % threads else 0), window, tokens, ids,
         job_timeout)) for i in range(threads)]
@@ -141,7 +218,10 @@ def run_soak(cluster: Cluster, jobs: int, *, threads: int = 8, window: int = 4,
     finally:
         stop.set()
         killer.join()
+        if chaos.is_alive():
+            chaos.join()
     report = analyse(cluster, ids, kills)
+    report.faults = faults
     report.elapsed_s = time.monotonic() - started
     return report
 
@@ -162,6 +242,8 @@ def analyse(cluster: Cluster, ids: list[str], kills: list[Kill]) -> Report:
         status = record.get("status", "")
         if status not in TERMINAL:
             report.lost.append(job_id)
+            deadline = float(record.get("deadline_at") or "inf")
+            report.queued_past_deadline += status == "QUEUED" and deadline < time.time()
             continue
         report.statuses[status] += 1
         if status == "FAILED":
@@ -176,6 +258,10 @@ def analyse(cluster: Cluster, ids: list[str], kills: list[Kill]) -> Report:
         commits.update(m.group(1) for m in _COMMIT.finditer(text))
         report.stale_refused += len(_STALE.findall(text))
     report.committed_twice = [job_id for job_id, n in commits.items() if n > 1]
+    killed = {kill.pid for kill in kills}
+    died = [w for w in cluster.workers if not w.alive() and w.proc.pid not in killed]
+    report.workers_died = len(died)
+    report.died_logs = [w.log()[-3000:] for w in died]
     report.recoveries = _recoveries(kills, histories)
     return report
 
@@ -189,7 +275,8 @@ def _stream_ok(record: dict[str, str], events: list[dict[str, Any]]) -> bool:
     if events[-1]["type"] not in ("done", "error", "cancelled"):
         return False
     if record.get("result"):
-        return "".join(e.get("delta", "") for e in events) == json.loads(record["result"])["text"]
+        text = text_of([StreamEvent.model_validate(e) for e in events])  # restarts applied
+        return bool(text == json.loads(record["result"])["text"])
     return True
 
 
@@ -213,6 +300,8 @@ def check_soak(report: Report, label: str) -> None:
     assert report.lost == []
     assert report.bad_streams == []
     assert report.committed_twice == []
+    assert report.workers_died == 0, report.died_logs
+    assert report.queued_past_deadline == 0
     assert sum(report.statuses.values()) == SOAK_JOBS
     # every kill is at a worker holding jobs: some were retried elsewhere, and each kill that
     # cost jobs had them RUNNING again (or finished) afterwards

@@ -106,7 +106,8 @@ def test_purge_deletes_messages_and_cancels_queued_jobs_only(
         capsys: pytest.CaptureFixture[str]) -> None:
     model = f"nobody-{uuid.uuid4().hex[:8]}"
     queue = queue_for_model(model)
-    waiting = [producer.submit(prompt="hi", model=model) for _ in range(2)]
+    waiting = [producer.submit(prompt="hi", model=model, require_worker=False)
+               for _ in range(2)]
     running = uuid.uuid4().hex  # a RUNNING job of the same queue is left alone
     producer.ledger.create(running, build_request(prompt="hi", model=model), queue)
     assert producer.ledger.claim(running, "w", lease_s=60, max_attempts=3).outcome == "claimed"
@@ -136,8 +137,8 @@ def test_stats_show_depths_oldest_job_counts_and_workers(
         capsys: pytest.CaptureFixture[str]) -> None:
     model = f"nobody-{uuid.uuid4().hex[:8]}"
     queue = queue_for_model(model)
-    first = producer.submit(prompt="hi", model=model)
-    producer.submit(prompt="hi", model=model)
+    first = producer.submit(prompt="hi", model=model, require_worker=False)
+    producer.submit(prompt="hi", model=model, require_worker=False)
     ok = producer.submit(prompt="hi", model=MODEL, max_new_tokens=2)
     producer.result(ok, timeout=60)
     try:

@@ -89,3 +89,23 @@ def test_a_record_with_garbage_times_does_not_stop_the_sweep(ledger: Ledger) -> 
     state = ledger.state(bad)  # ("running" is failed once its lease really runs out)
     assert state is not None and state.status == "FAILED"
     assert state.error is not None and state.error.code == "INVALID_REQUEST"
+
+
+def test_a_queued_job_past_its_deadline_is_expired_not_sent(ledger: Ledger) -> None:
+    from producer import keys
+    from tests.waiting import eventually
+
+    sent: list[tuple[str, str]] = []
+    sweeper = reconciler(ledger, sent, depth=None)
+    created, _ = ledger.create("late", build_request(prompt="hi", ttl_s=0.2), "vlmq.nobody")
+    waiting = create(ledger, "waiting")
+    assert created and 0 < ledger.redis.ttl(keys.job_key("late")) <= 7 * 86_400  # retention
+    deadline = ledger.state("late").deadline_at  # type: ignore[union-attr]
+    eventually(lambda: time.time() > deadline, what="the deadline passes")
+    counts = sweeper.sweep(time.time() + GRACE)  # no worker serves the queue
+    assert counts["expired"] == 1 and sent == [(waiting, "vlmq.a")]  # only the other re-sent
+    state = ledger.state("late")
+    assert state is not None and state.status == "EXPIRED" and state.finish_reason == "deadline"
+    events = ledger.events("late")
+    assert [(e.seq, e.type, e.finish_reason) for e in events] == [(0, "cancelled", "deadline")]
+    assert ledger.claim("late", "w", 5, 3).outcome == "terminal"  # a late message: dropped

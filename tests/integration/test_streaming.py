@@ -92,7 +92,8 @@ def test_plain_pubsub_subscriber_gets_the_documented_json(
 def test_cancel_while_queued_never_runs(producer: Any, workers: Any, image_server: Any) -> None:
     hits: list[str] = []
     url = image_server.route("/counted-q.png", lambda h: (hits.append(h.path), h.send_error(500)))
-    job_id = producer.submit(prompt="hi", images=[url], model="nobody-serves-this")
+    job_id = producer.submit(prompt="hi", images=[url], model="nobody-serves-this",
+                             require_worker=False)
     assert producer.cancel(job_id) == "cancelled"
     state = producer.status(job_id)
     assert state.status == "CANCELLED" and state.attempts == 0
@@ -143,7 +144,8 @@ def test_expiry_while_queued_loads_no_image(any_producer: Any, workers: Any,
     producer = any_producer  # Producer, then AsyncProducer
     hits: list[str] = []
     url = image_server.route("/counted-e.png", lambda h: (hits.append(h.path), h.send_error(500)))
-    job_id = producer.submit(prompt="hi", images=[url], model="nobody-serves-this", ttl_s=0.3)
+    job_id = producer.submit(prompt="hi", images=[url], model="nobody-serves-this", ttl_s=0.3,
+                             require_worker=False)
     time.sleep(0.5)
     producer.enqueue(job_id, f"q-{MODEL}")  # a worker picks it up after its deadline
     state = producer.wait(job_id, timeout=30)
@@ -183,7 +185,8 @@ def test_async_producer_end_to_end(redis_server: Any, workers: Any, image_server
             result = await aproducer.result(job_id, timeout=60)
             assert_complete_stream(events, result.text)
             assert (await aproducer.status(job_id)).status == "SUCCEEDED"
-            queued = await aproducer.submit(prompt="x", model="nobody-serves-this")
+            queued = await aproducer.submit(prompt="x", model="nobody-serves-this",
+                                            require_worker=False)
             assert await aproducer.cancel(queued) == "cancelled"
 
     asyncio.run(scenario())

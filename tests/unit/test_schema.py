@@ -169,7 +169,9 @@ def test_cli_submits_prompt_parts_and_token_options(tmp_path: Any) -> None:
     sent: list[JobRequest] = []
 
     class Recorder:
-        def submit(self, messages: Any = None, **options: Any) -> str:
+        def submit(self, messages: Any = None, require_worker: bool = True,
+                   **options: Any) -> str:
+            assert require_worker  # the CLI's default: refuse a model no worker serves
             sent.append(build_request(messages, **options))
             return "job-1"
 

@@ -98,3 +98,33 @@ def test_clean_up_across_a_fixed_boundary_matches_the_full_decode() -> None:
     asm = TextAssembler(decode)
     deltas = [asm.push([i]) for i in ids] + [asm.finish()]
     assert "".join(deltas) == asm.text == decode(ids)
+
+
+def test_text_that_leaves_what_was_sent_restarts_and_is_sent_whole() -> None:
+    asm = TextAssembler(byte_decode, already_sent="the cat sat")
+    deltas = [asm.push(list(b"the dog")), asm.push(list(b" ran")), asm.finish()]
+    assert asm.restarted and "".join(deltas) == asm.text == "the dog ran"
+
+
+def test_text_ending_before_what_was_sent_restarts() -> None:
+    asm = TextAssembler(byte_decode, already_sent="the cat sat")
+    assert asm.push(list(b"the cat")) == "" and not asm.restarted
+    assert asm.finish() == "the cat" and asm.restarted
+
+
+def test_restart_voids_earlier_deltas_for_replay_and_live_readers() -> None:
+    from producer.events import event_body, new_events, stamp, text_of
+    from producer.schema import StreamEvent
+
+    def event(seq: int, etype: str, delta: str) -> StreamEvent:
+        body = event_body("j", etype, delta=delta, attempt=2)  # type: ignore[arg-type]
+        return StreamEvent.model_validate_json(stamp(body, seq, 0, 1.0))
+
+    events = [event(0, "delta", "the "), event(1, "delta", "cat"), event(2, "restart", "a"),
+              event(3, "delta", " dog"), event(4, "done", "")]
+    assert events[2].attempt == 2 and events[2].from_seq == 0 and not events[2].terminal
+    assert text_of(events) == "a dog"  # a live reader that saw seq 0-1 drops them
+    found = [("s", [(str(e.seq), {"data": e.model_dump_json()}) for e in events])]
+    _last, replayed = new_events(found, "0-0", None)  # read in one go: never yields them
+    assert [e.seq for e in replayed] == [2, 3, 4]
+    assert "".join(e.delta for e in replayed) == "a dog"

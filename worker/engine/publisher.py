@@ -14,6 +14,7 @@ import time
 
 from producer.jobs import Ledger
 from producer.replies import Append
+from worker.engine import repair
 from worker.engine.work import Work
 
 log = logging.getLogger("vlmq.publisher")
@@ -37,13 +38,14 @@ class Publisher:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-    def _append_until_sent(self, rows: list[Row]) -> list[Append]:
+    def _append_until_sent(self, rows: list[tuple[Work, Row]]) -> list[Append]:
         """Redis away: keep trying (appends are idempotent), so no event is lost or reordered;
-        generation goes on meanwhile and the queue catches up when Redis is back."""
+        generation goes on meanwhile and the queue catches up when Redis is back. A stream
+        that lost entries gets them again (``worker.engine.repair``)."""
         delay = 0.05
         while True:
             try:
-                return self.ledger.append(rows)
+                return repair.append(self.ledger, rows)
             except Exception as error:
                 log.warning("could not publish a step for %d rows (%s); retrying", len(rows),
                             error)
@@ -71,7 +73,7 @@ class Publisher:
         closing = False
         while not closing:
             rows, finished, closing = self._take_waiting()
-            answers = self._append_until_sent([row for _work, row in rows])
+            answers = self._append_until_sent(rows)
             for (work, _row), answer in zip(rows, answers, strict=True):
                 if answer != Append.KEPT:  # someone else owns the job now, or cancel asked
                     work.cancel.set()

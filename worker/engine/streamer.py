@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.engine import repair
 from worker.engine.work import Work
 
 log = logging.getLogger("vlmq.streamer")
@@ -82,13 +83,14 @@ class Streamer:
         out: list[tuple[Work, tuple[str, int, int, str, int]]] = []
         ended: list[Live] = []
         for live in rows:
-            done = live.work.finish_reason is not None  # read before the ids: all of them are in
+            work = live.work
+            done = work.finish_reason is not None  # read before the ids: all of them are in
             delta = self._new_text(live, done)
             if done:
                 ended.append(live)
             out.append((live.work, live.work.event("delta", delta if self.stream_events else "")))
         if out:
-            answers = self._append_until_sent([row for _work, row in out])
+            answers = self._append_until_sent(out)
             for (work, _row), answer in zip(out, answers, strict=True):
                 if answer in (0, 2):  # 0: someone else owns the job now; 2: cancel asked
                     work.cancel.set()
@@ -102,7 +104,7 @@ class Streamer:
 
     @staticmethod
     def _new_text(live: Live, done: bool) -> str:
-        """The row's text since the last round (all of what is left when it has ended)."""
+        """The row's text since the last round (all of it held back, when ``done``)."""
         work = live.work
         count = len(live.ids)
         delta = ""
@@ -116,11 +118,12 @@ class Streamer:
         work.tokens = count
         return delta
 
-    def _append_until_sent(self, rows: list[tuple[str, int, int, str, int]]) -> list[int]:
+    def _append_until_sent(self, rows: list[tuple[Work, tuple[str, int, int, str, int]]],
+                           ) -> list[int]:
         delay = 0.05
         while True:
-            try:
-                return list(self.ledger.append(rows))
+            try:  # a stream that lost entries gets them again (worker.engine.repair)
+                return list(repair.append(self.ledger, rows))
             except Exception as error:
                 log.warning("could not stream to %d rows (%s); retrying", len(rows), error)
                 time.sleep(delay)

@@ -4,7 +4,9 @@ Each step the row's new tokens are decoded in full and only the part that can no
 is released: text ending in an incomplete UTF-8 sequence (U+FFFD), trailing whitespace (the
 tokenizer's clean-up may still merge it with the next token) and any suffix that could begin a
 stop string are held back. A stop string ends the row; it and what follows are never sent.
-Concatenating every delta therefore gives exactly the final text.
+Concatenating every delta therefore gives exactly the final text. Text sent before (by an
+earlier attempt) is not sent again while the new text repeats it; once the new text leaves it,
+``restarted`` is set and the whole new text is released: the job's next event is a ``restart``.
 
 Long rows are not decoded in full at every push: once the undecoded tail passes ``WINDOW``
 tokens, its head (all but the last ``KEEP`` tokens) is fixed if decoding head and rest apart
@@ -30,6 +32,7 @@ class TextAssembler:
         self.text = ""
         self.sent = already_sent  # text already streamed (by an earlier attempt, say)
         self.stopped = False
+        self.restarted = False  # the text left what was already sent: send it all again
         self._fixed = 0  # ids whose text is fixed...
         self._fixed_text = ""  # ...and that text
         self._next_try = WINDOW  # tail length at which to try fixing a head again
@@ -75,16 +78,26 @@ class TextAssembler:
         self.ids.extend(token_ids)
         self.text = self._cut_at_stop(self._decode_ids())
         end = len(self.text) if self.stopped else self._stable_end(self.text)
-        return self._release(end)
+        return self._release(end, self.stopped)
 
     def finish(self) -> str:
         """The row is done: release everything still held back."""
         if self.ids:
             self.text = self._cut_at_stop(self._decode(self.ids))
-        return self._release(len(self.text))
+        return self._release(len(self.text), True)
 
-    def _release(self, end: int) -> str:
-        if end <= len(self.sent) or not self.text.startswith(self.sent):
+    def _diverged(self, end: int, final: bool) -> bool:
+        """The text cannot continue what was sent: its fixed part (up to ``end``) differs, or
+        (``final``: it will not grow) it ended shorter."""
+        fixed = self.text[:end]
+        if final:
+            return not fixed.startswith(self.sent)
+        return not (fixed.startswith(self.sent) or self.sent.startswith(fixed))
+
+    def _release(self, end: int, final: bool = False) -> str:
+        if self.sent and self._diverged(end, final):  # another attempt's text: start over
+            self.sent, self.restarted = "", True
+        if end <= len(self.sent):
             return ""
         delta = self.text[len(self.sent) : end]
         self.sent += delta

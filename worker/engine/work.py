@@ -34,6 +34,10 @@ class Work:
     deadline: float  # time.time() after which the job stops with finish_reason "deadline"
     already_sent: str = ""
     next_seq: int = 0
+    first_seq: int = -1  # the first seq of this attempt (-1: ``next_seq`` at the claim)
+    attempt: int = 1
+    restart_pending: bool = False  # the next event is a ``restart`` (see ``restart``)
+    prior_text: str = ""  # what earlier attempts streamed (``already_sent`` at the claim)
     cancel: threading.Event = field(default_factory=threading.Event)
     handback: bool = False  # the worker is stopping: give the job back instead of ending it
     future: Future[Outcome] = field(default_factory=Future)
@@ -53,6 +57,13 @@ class Work:
     first_token_at: float = 0.0
     prefill_ms: float = 0.0  # the prefill forward, where the engine times it on its own
     batch_size: int = 0
+    # every event row this attempt built, by seq: what a stream that lost entries gets again
+    history: dict[int, tuple[str, int, int, str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.first_seq < 0:
+            self.first_seq = self.next_seq
+            self.prior_text = self.already_sent
 
     def reset_for_retry(self) -> None:
         """Start generating again (after an out-of-memory split), without re-sending text."""
@@ -62,19 +73,38 @@ class Work:
         self.tokens = 0
         self.finish_reason = None
 
+    def restart(self) -> None:
+        """This attempt cannot repeat the text already streamed (sampling without a seed):
+        stream its own text from the start, after a ``restart`` event."""
+        self.already_sent = ""
+        self.restart_pending = True
+
+    def _take_restart(self) -> bool:
+        restarted = self.restart_pending or bool(self.assembler and self.assembler.restarted)
+        self.restart_pending = False
+        if self.assembler is not None:
+            self.assembler.restarted = False
+        return restarted
+
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
     def event(self, etype: EventType, delta: str = "") -> tuple[str, int, int, str, int]:
         """A stream row for ``Ledger.append``: consumes the next seq when there is an event
-        (the worker's count of its stream, started where the claim said the stream is)."""
+        (the worker's count of its stream, started where the claim said the stream is). The
+        first event after the text left what earlier attempts sent is a ``restart``."""
+        if etype == "delta" and self._take_restart():
+            etype = "restart"
         if not delta and etype == "delta":
             return (self.job_id, self.fence, self.next_seq, "", self.tokens)
         seq = self.next_seq
         self.next_seq += 1
-        data = stamp(event_body(self.job_id, etype, delta=delta), seq, self.tokens, time.time())
-        return (self.job_id, self.fence, seq, data, self.tokens)
+        body = event_body(self.job_id, etype, delta=delta, attempt=self.attempt)
+        data = stamp(body, seq, self.tokens, time.time())
+        row = (self.job_id, self.fence, seq, data, self.tokens)
+        self.history[seq] = row
+        return row
 
     def outcome(self) -> Outcome:
         assert self.finish_reason is not None

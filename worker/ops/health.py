@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer import keys
+from producer import durability, keys
 
 
 @dataclass
@@ -38,11 +38,19 @@ class HealthReporter:
     redis: Any  # the ledger's redis.Redis
     broker: Any | None  # the broker's redis.Redis when the broker is Redis
     consumer: Callable[[], Any] = lambda: None  # the Celery consumer, once the worker has one
+    allow_eviction: bool = False  # an evicting ledger Redis is not a health problem
     ready: bool = False  # Celery's worker_ready fired
     stopping: bool = False
     started_at: float = field(default_factory=time.time)
     last: dict[str, Any] = field(default_factory=dict)  # the latest report (``/readyz``)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _ledger_problems(self) -> list[str]:
+        try:
+            found = durability.check(self.redis)
+        except Exception:  # not answering: ``redis_ok`` says so
+            return []
+        return [] if self.allow_eviction else found.problems
 
     def snapshot(self) -> dict[str, Any]:
         redis_ok = _ping(self.redis)
@@ -58,7 +66,7 @@ class HealthReporter:
             "interval_s": self.interval_s, "model_loaded": True, "redis_ok": redis_ok,
             "broker_ok": broker_ok, "consumer_connected": connected,
             "consuming": self.ready and not self.stopping and connected and broker_ok,
-            "stopping": self.stopping,
+            "stopping": self.stopping, "ledger_problems": self._ledger_problems(),
         }
 
     def report(self) -> dict[str, Any]:
@@ -74,6 +82,9 @@ class HealthReporter:
                     self.redis.delete(key)
                 else:
                     self.redis.set(key, body, ex=max(15, int(self.interval_s * 3)))
+                    for queue in self.queues:  # producers check that someone serves it
+                        self.redis.set(keys.serving_key(queue), self.worker_id,
+                                       ex=keys.SERVED_WINDOW_S)
             except Exception:
                 pass
             return state
@@ -163,4 +174,5 @@ def verdict(state: dict[str, Any], max_age: float | None = None,
             problems.append(text)
     if state.get("stopping"):
         problems.append("the worker is shutting down")
+    problems += [str(p) for p in state.get("ledger_problems") or []]
     return not problems, {**state, "age_s": round(age, 3), "problems": problems}

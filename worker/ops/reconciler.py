@@ -19,6 +19,8 @@ ends it FAILED/INVALID_REQUEST itself (claim, then finish), or, when its status 
 status at all, quarantines it: removes it from the index, logs its id once and counts it
 (``on_quarantine``). One record never stops a sweep: an error is logged with the job's id and
 the sweep goes on.
+A QUEUED job past its deadline (``ttl_s``) is ended EXPIRED by the sweep itself, so a job for a
+model no worker serves does not wait for a claim that never comes.
 """
 
 from __future__ import annotations
@@ -108,16 +110,20 @@ class Reconciler:
             log.warning("job %s: reconciling it failed", fields.clean(job_id), exc_info=True)
 
     def sweep(self, now: float) -> dict[str, int]:
-        counts = {"lease_expired": 0, "message_lost": 0}
+        counts = {"lease_expired": 0, "message_lost": 0, "expired": 0}
         for job_id, record in self._records(Index.RUNNING, now, "RUNNING"):
             lease, sent = read_time(record.get("lease_until")) or 0.0, _sent_at(record)
             # once when the lease runs out, then once per grace period until a claim takes it
             if lease < now and (sent < lease or now - sent >= self.grace_s):
                 self._safely(job_id, self._resend, job_id, record, now)
                 counts["lease_expired"] += 1
-        candidates = [(job_id, record) for job_id, record
-                      in self._records(Index.QUEUED, now - self.grace_s, "QUEUED")
-                      if now - _sent_at(record) >= self.grace_s]
+        candidates = []
+        for job_id, record in self._records(Index.QUEUED, now, "QUEUED"):
+            deadline = read_time(record.get("deadline_at"))
+            if deadline is not None and deadline <= now:  # no worker took it in time
+                counts["expired"] += self.ledger.expire_queued(job_id)
+            elif now - _sent_at(record) >= self.grace_s:
+                candidates.append((job_id, record))
         for job_id, record in self._lost(candidates):
             self._safely(job_id, self._resend, job_id, record, now)
             counts["message_lost"] += 1
