@@ -315,12 +315,11 @@ def queued_per_queue() -> Op[dict[str, int]]:
 
 
 def queue_backlog(limit: int = 10_000) -> Op[dict[str, tuple[int, float]]]:
-    """Per queue: how many of the ``limit`` oldest QUEUED jobs the ledger records for it, and
-    the created_at of its oldest (for queue-age gauges; two round trips)."""
+    """Per queue: its count among the ``limit`` oldest QUEUED jobs, and its oldest created_at."""
     found = yield call("ZRANGE", Index.QUEUED.value, 0, limit - 1, "WITHSCORES")
-    pairs = [(text(p[0]), float(p[1])) for p in found] if found and isinstance(
-        found[0], list | tuple) else [(text(found[i]), float(found[i + 1]))
-                                      for i in range(0, len(found or []), 2)]
+    flat = [x for p in found for x in p] if found and isinstance(found[0], list | tuple) \
+        else list(found or [])  # flat (RESP2) or paired (RESP3)
+    pairs = [(text(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
     if not pairs:
         return {}
     queues = yield Batch(tuple(call("HGET", keys.job_key(i), "queue") for i, _ in pairs))

