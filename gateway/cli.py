@@ -55,6 +55,9 @@ def _parser(env: dict[str, str]) -> argparse.ArgumentParser:
                        help="refuse new jobs (503) while the model's queue holds this many")
     serve.add_argument("--max-queued-age", type=float, default=0.0, metavar="SECONDS",
                        help="refuse new jobs (503) while the oldest queued job is older")
+    serve.add_argument("--require-worker", action="store_true",
+                       help="refuse new jobs (503) for a model no live worker serves (default: "
+                            "queue them; a worker started later takes them)")
     serve.add_argument("--retry-after", type=int, default=5, metavar="SECONDS",
                        help="Retry-After sent with admission refusals (default 5)")
     serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
@@ -110,7 +113,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> GatewaySetti
         concurrent_jobs=args.concurrent_jobs, max_queue_depth=args.max_queue_depth,
         max_queued_age_s=args.max_queued_age, admission_retry_after_s=args.retry_after,
         max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth,
-        max_batch=args.max_batch, cors_origins=tuple(args.cors_origin))
+        max_batch=args.max_batch, cors_origins=tuple(args.cors_origin),
+        require_worker=args.require_worker)
 
 
 def _serve(args: argparse.Namespace, env: dict[str, str]) -> int:

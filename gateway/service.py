@@ -18,7 +18,7 @@ from gateway.fleet import Fleet
 from gateway.metrics import Metrics
 from gateway.quotas import Quotas
 from gateway.settings import GatewaySettings
-from producer import InvalidRequestError, JobRequest
+from producer import InvalidRequestError, JobRequest, NoWorkerForModel, SubmitUncertain
 from producer.aio import AsyncProducer
 
 
@@ -79,10 +79,11 @@ class Gateway:
             self.metrics.rejected.labels(error.code or "other").inc()
             raise
         try:
-            job_id = await self.producer.submit(request=request)
-        except BaseException:
+            job_id = await self.producer.submit(request=request,
+                                                require_worker=self.settings.require_worker)
+        except BaseException as error:
             await self.quotas.release(slot)
-            raise
+            raise _unavailable(error, self.settings.admission_retry_after_s) from None
         await self.quotas.bind(slot, job_id)
         await self._remember(tenant.name, job_id)
         self.metrics.jobs.labels(tenant.name).inc()
@@ -114,3 +115,13 @@ class Gateway:
 
 def _pick(own: int | None, default: int) -> int:
     return default if own is None else own
+
+
+def _unavailable(error: BaseException, retry_after: float) -> BaseException:
+    """The producer's submit errors a client can act on, as 503s; others unchanged."""
+    if isinstance(error, NoWorkerForModel):
+        return ApiError(503, str(error), code="no_worker_for_model", retry_after=retry_after)
+    if isinstance(error, SubmitUncertain):  # the id lets the client check before retrying
+        return ApiError(503, f"{error}; submit again with the same Idempotency-Key",
+                        code="submit_uncertain", retry_after=retry_after)
+    return error

@@ -23,6 +23,7 @@ class GatewaySettings:
     max_queue_depth: int = 0
     max_queued_age_s: float = 0.0
     admission_retry_after_s: int = 5
+    require_worker: bool = False  # 503 for a model no live worker serves (else: queued)
     # request shape
     max_body_bytes: int = 16 * 1024 * 1024
     max_json_depth: int = 32

@@ -203,3 +203,16 @@ def test_cors_is_off_unless_an_origin_is_configured(origins: tuple[str, ...],
 
     answer = asyncio.run(preflight())
     assert answer.headers.get("access-control-allow-origin") == allowed
+
+
+def test_submit_errors_a_client_can_act_on_are_503s() -> None:
+    from gateway.service import _unavailable
+    from producer import NoWorkerForModel, SubmitUncertain
+
+    error = _unavailable(NoWorkerForModel("m", "vlmq.m"), 5)
+    assert error.status == 503 and error.code == "no_worker_for_model"  # type: ignore[attr-defined]
+    assert error.response().headers["Retry-After"] == "5"  # type: ignore[attr-defined]
+    uncertain = _unavailable(SubmitUncertain("abc123", TimeoutError("slow")), 5)
+    assert uncertain.code == "submit_uncertain" and "abc123" in uncertain.message  # type: ignore[attr-defined]
+    other = ValueError("x")
+    assert _unavailable(other, 5) is other

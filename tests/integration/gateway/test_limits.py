@@ -138,7 +138,7 @@ def test_a_deep_queue_turns_new_jobs_away_with_retry_after(
         pair: list[GatewayProcess], own_redis: RedisServer, keys: dict[str, str]) -> None:
     with Producer(own_redis.url) as producer:
         for _ in range(DEPTH):
-            producer.submit(prompt="filling", model="m-deep")
+            producer.submit(prompt="filling", model="m-deep", require_worker=False)
     refused = post_job(pair[0], keys["carol"], "m-deep")
     assert refused.status_code == 503 and refused.headers["retry-after"] == "7"
     assert refused.json()["error"]["code"] == "queue_depth"
@@ -151,7 +151,7 @@ def test_a_deep_queue_turns_new_jobs_away_with_retry_after(
 def test_a_stale_queue_turns_new_jobs_away(own_redis: RedisServer, keys: dict[str, str],
                                            tmp_path: Any) -> None:
     with Producer(own_redis.url) as producer:
-        job_id = producer.submit(prompt="waiting", model="m-old")
+        job_id = producer.submit(prompt="waiting", model="m-old", require_worker=False)
         eventually(lambda: time.time() - producer.status(job_id).created_at > 1.0,
                    what="the queued job older than the limit")
     gateway = GatewayProcess(own_redis.url, "--max-queued-age", "1", log_dir=str(tmp_path))
@@ -169,7 +169,7 @@ def test_stats_show_both_gateways_limits_and_the_queue_depth(
         pair: list[GatewayProcess], own_redis: RedisServer) -> None:
     with Producer(own_redis.url) as producer:
         for _ in range(2):
-            producer.submit(prompt="counted", model="m-stats")
+            producer.submit(prompt="counted", model="m-stats", require_worker=False)
     done = subprocess.run([sys.executable, "-m", "gateway", "--redis-url", own_redis.url,
                            "stats"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
