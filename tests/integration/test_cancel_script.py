@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "cancel.lua"
 
 def test_the_shipped_cancel_script_cancels_a_queued_job(producer: Any,
                                                         redis_server: Any) -> None:
-    job_id = producer.submit(prompt="hi")
+    job_id = producer.submit(prompt="hi", require_worker=False)
     client = redis.Redis.from_url(redis_server.url)
     sha = client.script_load(SCRIPT.read_text())
     keys = [f"vlmq:job:{job_id}", f"vlmq:stream:{job_id}", f"vlmq:tokens:{job_id}",

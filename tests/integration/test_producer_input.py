@@ -32,7 +32,7 @@ def test_the_cli_exits_2_on_a_lone_surrogate(redis_server: RedisServer) -> None:
 
 def test_ids_off_the_syntax_are_not_found_before_redis_is_asked(any_producer: Any,
                                                                 redis_server: RedisServer) -> None:
-    job_id = any_producer.submit(prompt="hi")
+    job_id = any_producer.submit(prompt="hi", require_worker=False)
     # its attempt history (a list) exists, as after a claim: read as a job it answered WRONGTYPE
     redis.Redis.from_url(redis_server.url).rpush(keys.attempts_key(job_id), "{}")
     for bad in (f"{job_id}:attempts", "../x", "", "a" * 129, "id with space"):

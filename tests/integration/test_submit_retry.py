@@ -58,7 +58,7 @@ def test_a_model_no_live_worker_serves_is_refused_unless_asked(
     cli = subprocess.run([sys.executable, "-m", "producer", "submit", "--prompt", "hi",
                           "--model", "nobody"], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, VLMQ_REDIS_URL=proxy.url()))
-    assert cli.returncode == 10 and "no live worker serves model nobody" in cli.stderr
+    assert cli.returncode == 12 and "no live worker serves model nobody" in cli.stderr
     queued = producer.submit(prompt="hi", model="nobody", require_worker=False)
     assert producer.status(queued).status == "QUEUED"
     producer.redis.set(keys.serving_key(queue_for_model("nobody")), "w", ex=60)  # a worker's
