@@ -31,6 +31,7 @@ class Cluster:
         self.path, self.image_server, self.tmp = path, image_server, tmp
         self.broker_url = broker_url
         self.name = f"fault-{uuid.uuid4().hex[:6]}"
+        self.serving_at_start: set[int] = set()  # worker pids alive when a soak began
         self.workers: list[WorkerProcess] = []
         self.producer = Producer(self.redis.url, broker_url=broker_url)
 

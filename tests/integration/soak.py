@@ -196,6 +196,7 @@ def run_soak(cluster: Cluster, jobs: int, *, threads: int = 8, window: int = 4,
              fault_every: float | None = None) -> Report:
     """``fault_every``: also one of ``FAULTS`` every that many seconds (the chaos run)."""
     cluster.ensure_workers(2)
+    cluster.serving_at_start = {w.proc.pid for w in cluster.workers if w.alive()}
     ids: list[str] = []
     kills: list[Kill] = []
     faults: Counter[str] = Counter()
@@ -259,7 +260,9 @@ def analyse(cluster: Cluster, ids: list[str], kills: list[Kill]) -> Report:
         report.stale_refused += len(_STALE.findall(text))
     report.committed_twice = [job_id for job_id, n in commits.items() if n > 1]
     killed = {kill.pid for kill in kills}
-    died = [w for w in cluster.workers if not w.alive() and w.proc.pid not in killed]
+    # a worker an earlier test of a shared cluster killed is not this run's business
+    died = [w for w in cluster.workers if not w.alive() and w.proc.pid not in killed
+            and w.proc.pid in cluster.serving_at_start]
     report.workers_died = len(died)
     report.died_logs = [w.log()[-3000:] for w in died]
     report.recoveries = _recoveries(kills, histories)
