@@ -9,7 +9,7 @@ import pytest
 
 from tests.servers import GatewayProcess, ImageServer, RedisServer, WorkerProcess
 
-MODEL = "tiny-idefics3"
+MODEL = "tiny-gateway"  # its own queue: the session's tiny-idefics3 worker never shares it
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +19,7 @@ def tiny_path() -> str:
     return str(tiny_model_path("idefics3"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when the gateway's tests are done
 def gateway_worker(redis_server: RedisServer, image_server: ImageServer, tiny_path: str,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     proc = WorkerProcess(tiny_path, redis_server.url, name=MODEL, log_name="gateway-worker",
@@ -33,7 +33,7 @@ def gateway_worker(redis_server: RedisServer, image_server: ImageServer, tiny_pa
         proc.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def gateway(redis_server: RedisServer, gateway_worker: WorkerProcess,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """A gateway with no API key (loopback), in front of the tiny worker."""
