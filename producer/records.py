@@ -260,12 +260,16 @@ def index_size(index: Index) -> Op[int]:
     return int((yield call("ZCARD", index.value)))
 
 
+def _score_pairs(found: Any) -> list[tuple[str, float]]:
+    """(member, score) pairs of a WITHSCORES reply, flat (RESP2) or paired (RESP3)."""
+    flat = [x for p in found for x in p] if found and isinstance(found[0], list | tuple) \
+        else list(found or [])
+    return [(text(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
 def oldest(index: Index) -> Op[tuple[str, float] | None]:
-    found = yield call("ZRANGE", index.value, 0, 0, "WITHSCORES")
-    if not found:
-        return None
-    pair = found[0] if isinstance(found[0], list | tuple) else found  # redis-py may pair them
-    return text(pair[0]), float(pair[1])
+    pairs = _score_pairs((yield call("ZRANGE", index.value, 0, 0, "WITHSCORES")))
+    return pairs[0] if pairs else None
 
 
 def due(index: Index, until: float) -> Op[list[str]]:
@@ -317,9 +321,7 @@ def queued_per_queue() -> Op[dict[str, int]]:
 def queue_backlog(limit: int = 10_000) -> Op[dict[str, tuple[int, float]]]:
     """Per queue: its count among the ``limit`` oldest QUEUED jobs, and its oldest created_at."""
     found = yield call("ZRANGE", Index.QUEUED.value, 0, limit - 1, "WITHSCORES")
-    flat = [x for p in found for x in p] if found and isinstance(found[0], list | tuple) \
-        else list(found or [])  # flat (RESP2) or paired (RESP3)
-    pairs = [(text(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
+    pairs = _score_pairs(found)
     if not pairs:
         return {}
     queues = yield Batch(tuple(call("HGET", keys.job_key(i), "queue") for i, _ in pairs))
