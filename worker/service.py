@@ -12,14 +12,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
 from producer.admin import AdminCore
-from producer.broker import Broker, broker_queue
+from producer.broker import Broker
 from producer.jobs import Ledger, connect
-from producer.keys import TASK_GENERATE
 from worker.app import create_app, queues_for
 from worker.engine.continuous import create_engine
 from worker.engine.publisher import Publisher
@@ -76,18 +74,15 @@ class Service:
         app = create_app(settings)
         register(app, runtime)
         only_generate(app, metrics.refused_message)  # celery.map and the like: refused
-        broker = settings.broker()
-        broker_redis = (redis.Redis.from_url(broker)
-                        if broker.startswith(("redis://", "rediss://", "unix://")) else None)
+        broker = Broker(app, settings.broker())  # sends vlmq.generate, reads queue depths
+        broker_redis = broker.redis  # None unless the broker is Redis
         reconciler = Reconciler(
-            ledger, lambda job_id, queue: app.send_task(
-                TASK_GENERATE, args=[job_id], task_id=job_id, queue=broker_queue(queue, broker)),
-            worker_id=worker_id, interval_s=settings.reconcile_interval_s,
+            ledger, broker.send, worker_id=worker_id, interval_s=settings.reconcile_interval_s,
             grace_s=settings.requeue_grace_s, broker=broker_redis,
             depth=None if broker_redis is not None else amqp_depth(app.connection_for_read),
             on_quarantine=lambda _job_id: metrics.quarantined.inc())
         runtime.resend = reconciler.send
-        admin = AdminCore(ledger.config, Broker(app, broker))
+        admin = AdminCore(ledger.config, broker)
         metrics.bind(loaded, media, lambda: list(runtime.active.values()),
                      lambda: ledger.run(admin.backlog()))
         queues = queues_for(settings)
