@@ -49,3 +49,25 @@ def test_join_left_pads_both_sides_and_keep_drops_rows_and_unused_columns() -> N
     assert running.extras["image_mask"].shape == (2, 4, 2)
     assert running.per_row["hidden"].shape == (2, 2, 3)
     assert running.tokens() == 8
+
+
+def test_each_step_mask_is_the_last_one_and_a_real_column_past_rows_joining_and_leaving() -> None:
+    running = state([2, 3], 3, first=1, images=1)
+    expected = running.mask.tolist()
+    for step in range(150):  # past the spare columns, rows leaving and joining on the way
+        if step == 70:
+            running.keep([1])
+            expected = [expected[1]]
+            while not any(row[0] for row in expected):
+                expected = [row[1:] for row in expected]
+        if step == 100:
+            running.join(state([1], 1, first=5, images=1))
+            width = len(expected[0])
+            expected += [[0] * (width - 1) + [1]]
+        mask = running.decode_inputs()["attention_mask"]
+        expected = [row + [1] for row in expected]
+        assert mask.tolist() == expected, step
+        layer = running.cache.layers[0]
+        layer.keys = torch.cat([layer.keys, layer.keys[:, :, -1:]], dim=2)
+        layer.values = layer.keys.clone()
+        running.advance(mask, torch.ones(running.rows, dtype=torch.long))

@@ -83,6 +83,9 @@ class BatchState:
     rope_axes: int = 0  # 0: plain (B, 1) positions; 3: Qwen-VL's (3, B, 1)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     per_row: dict[str, torch.Tensor] = field(default_factory=dict)
+    # ``mask`` followed by columns of ones (every row feeds a real token each step): the steps'
+    # masks are views of it, so a step builds none; rebuilt when rows join or leave
+    _grown: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -98,7 +101,11 @@ class BatchState:
 
     def decode_inputs(self) -> dict[str, torch.Tensor]:
         """The forward inputs of one decode step (every row feeds its newest token)."""
-        mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
+        grown, width = self._grown, self.width
+        if grown is None or grown.shape[1] <= width:
+            grown = torch.cat([self.mask, self.mask.new_ones((self.rows, 64))], dim=1)
+            self._grown = grown
+        mask = grown[:, :width + 1]
         positions = self.next_pos.view(-1, 1)
         if self.rope_axes:
             positions = positions.view(1, -1, 1).expand(self.rope_axes, -1, 1)
@@ -117,6 +124,7 @@ class BatchState:
     def keep(self, indices: list[int]) -> None:
         """Only these rows stay (in this order); cache columns no row needs are cut."""
         index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
+        self._grown = None
         self.mask = self.mask.index_select(0, index)
         self.last = self.last.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
@@ -134,6 +142,7 @@ class BatchState:
     def join(self, other: BatchState) -> None:
         """Append ``other``'s rows after ours (left-padding the shorter cache)."""
         width = max(self.width, other.width)
+        self._grown = None
         self.mask = torch.cat([_left_pad(self.mask, 1, width), _left_pad(other.mask, 1, width)])
         self.last = torch.cat([self.last, other.last])
         self.next_pos = torch.cat([self.next_pos, other.next_pos])

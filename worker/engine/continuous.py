@@ -95,6 +95,8 @@ class ContinuousEngine(Engine):
     def _collect(self) -> None:
         """Move prepared requests to ``waiting``; block only when there is nothing to do."""
         block = not self.rows and not self.waiting
+        if not block and not self._ready.queue:  # a peek (no lock, no exception): most steps
+            return
         while True:
             try:
                 work = self._ready.get(block=block)
