@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["burst_bench", "host_cost", "engine_bench", "stream_bench", "quant_memory",
-           "gateway_bench"]
+MODULES = ["burst_bench", "host_cost", "arrivals_bench", "prep_bench", "engine_bench",
+           "stream_bench", "quant_memory", "gateway_bench"]
 
 
 def main(argv: list[str]) -> int:
