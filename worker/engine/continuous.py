@@ -205,7 +205,10 @@ class ContinuousEngine(Engine):
             if is_sticky_cuda_error(error):
                 raise
             log.warning("prefill failed for %s: %s", [r.work.job_id for r in group], error)
-            self._fail_rows(group, error)
+            if len(group) == 1:
+                self._fail_rows(group, error)
+            for row in group if len(group) > 1 else []:  # only the rows that fail alone fail
+                self._prefill([row])
             return
         self._merge(group, state, logits)
 
@@ -225,14 +228,23 @@ class ContinuousEngine(Engine):
             self._fail_rows(group, ResourceExhausted("out of memory in the prefill of a "
                                                      "request that runs alone"))
 
+    def _choose(self, logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], torch.Tensor]:
+        """The rows' next tokens; a row whose choice fails (its sampling) fails alone, its
+        future set (``_drop_ended`` takes it out of the batch)."""
+        tokens, chosen, errors = choose(logits, [row.sampler for row in rows],
+                                        [row.live.ids for row in rows])
+        for i, error in errors.items():
+            log.warning("choosing a token failed for job %s: %s", rows[i].work.job_id, error)
+            self._fail_rows([rows[i]], error)
+        return tokens, chosen
+
     def _first_tokens(self, group: list[Row], logits: torch.Tensor) -> list[int]:
         """Each prefilled row's newest token. A row resumed after an eviction knows its own:
         only the others choose one (so a seeded row's generator draws exactly as often as
         when it ran alone)."""
         now = time.time()
         fresh = [i for i, row in enumerate(group) if not row.live.ids]
-        chosen = iter(choose(logits[fresh], [group[i].sampler for i in fresh],
-                             [[] for _ in fresh])[0] if fresh else [])
+        chosen = iter(self._choose(logits[fresh], [group[i] for i in fresh])[0] if fresh else [])
         tokens = []
         for row in group:
             row.work.gen_started = row.work.gen_started or now
@@ -240,7 +252,8 @@ class ContinuousEngine(Engine):
                 tokens.append(row.live.ids[-1])
             else:
                 tokens.append(next(chosen))
-                row.record(tokens[-1], now, self.eos_ids, self._decode)
+                if not row.work.future.done():  # else its choice failed: it leaves at once
+                    row.record(tokens[-1], now, self.eos_ids, self._decode)
             if not row.streaming:
                 row.streaming = True
                 self.streamer.add(row.live)
@@ -281,17 +294,17 @@ class ContinuousEngine(Engine):
             else:
                 self._evict_newest()
             return
-        logits = out.logits[:, -1, :].float()
-        tokens, chosen = choose(logits, [row.sampler for row in self.rows],
-                                [row.live.ids for row in self.rows])
+        tokens, chosen = self._choose(out.logits[:, -1, :].float(), self.rows)
         state.advance(inputs["attention_mask"], chosen)
         now = time.time()
         for row, token in zip(self.rows, tokens, strict=True):
-            row.record(token, now, self.eos_ids, self._decode)
+            if not row.work.future.done():
+                row.record(token, now, self.eos_ids, self._decode)
         self._drop_ended()
 
     def _drop_ended(self) -> None:
-        keep = [i for i, row in enumerate(self.rows) if row.work.finish_reason is None]
+        keep = [i for i, row in enumerate(self.rows)
+                if row.work.finish_reason is None and not row.work.future.done()]
         if len(keep) == len(self.rows):
             return
         self.streamer.wake()

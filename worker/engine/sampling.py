@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from producer.schema import GenerationParams
+from worker.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,11 @@ class RowSampler:
             drop[..., -1:] = False
             scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
         probs = scores.softmax(dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # multinomial would fail (on CUDA: assert)
+            raise InvalidRequest(
+                f"sampling found no finite probabilities for the next token at temperature "
+                f"{params.temperature} (one this small overflows the scores; do_sample=false "
+                "picks the most likely token)")
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
@@ -127,10 +133,12 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, samplers: Sequence[RowSampler],
-           generated: Sequence[Sequence[int]]) -> tuple[list[int], torch.Tensor]:
+           generated: Sequence[Sequence[int]],
+           ) -> tuple[list[int], torch.Tensor, dict[int, Exception]]:
     """Each row's next token: ``logits`` (B, V) float32 (banned ids set to -inf in place), one
     sampler and history per row.
-    Returns them as a list and as a (B,) tensor on the logits' device."""
+    Returns them as a list and as a (B,) tensor on the logits' device, and the rows whose
+    choice failed (their sampling; token 0 in their place) with their errors, by index."""
     rows: list[int] = []
     banned: list[int] = []
     for i, sampler in enumerate(samplers):
@@ -145,6 +153,11 @@ def choose(logits: torch.Tensor, samplers: Sequence[RowSampler],
     best = argmax(logits)
     tokens: list[int] = best.tolist()
     other = [i for i, sampler in enumerate(samplers) if not sampler.plain_greedy]
+    errors: dict[int, Exception] = {}
     for i in other:
-        tokens[i] = samplers[i].choose(logits[i], generated[i])
-    return tokens, torch.tensor(tokens, device=logits.device) if other else best
+        try:
+            tokens[i] = samplers[i].choose(logits[i], generated[i])
+        except Exception as error:  # this row alone: the others keep their tokens
+            errors[i], tokens[i] = error, 0
+    return tokens, torch.tensor(tokens, device=logits.device) if other else best, errors
+

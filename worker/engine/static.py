@@ -4,7 +4,9 @@ Threads:
 - callers (Celery task threads) ``submit`` a Work and wait on its future;
 - a fetch pool (``fetch_jobs``) fetches remote images, apart from a small prep pool that runs
   the processor for each request alone (and decodes data: images), so the next requests'
-  preprocessing overlaps the generation and a slow host never holds a job with local images;
+  preprocessing overlaps the generation and a slow host never holds a job with local images
+  (threads, not processes: beside a decode loop, 2 threads prepare 8 requests in 23-31 ms and
+  a pool of 1-2 processes in 51-72 ms, slowing the loop alike, ``bench/prep_bench.py``);
 - one generation thread takes every prepared request waiting, picks a batch (``batching.plan``:
   greedy rows of similar length within the row, token and pixel budgets; sampling and beam
   search rows alone),
