@@ -101,3 +101,36 @@ def test_a_prefill_failing_for_a_group_is_retried_row_by_row(monkeypatch: Any) -
 
 def job_messages(job: Any) -> list[dict[str, Any]]:
     return [message.model_dump(exclude_none=True) for message in job.request.messages]
+
+
+def test_the_static_engine_fails_an_overflowing_sampling_row_and_keeps_serving() -> None:
+    path = str(tiny_model_path(ARCH))
+    engine, _ledger = make_engine(ARCH, scheduler="static")
+    try:
+        bad = work(GREEDY, do_sample=True, temperature=1e-40, max_new_tokens=10)
+        with pytest.raises(InvalidRequest, match="no finite probabilities"):
+            wait(engine.submit(bad))
+        good = work(GREEDY, max_new_tokens=8)
+        assert wait(engine.submit(good)).text == oracle_text(path, oracle_messages(GREEDY), 8)
+    finally:
+        engine.close()
+
+
+def test_the_static_engine_samples_as_generate_does_with_its_temperature() -> None:
+    """The temperature given as the static engine's own logits processor changes nothing: a
+    seeded sampling job equals generate's sampling with the same seed and settings."""
+    import torch
+
+    path = str(tiny_model_path(ARCH))
+    settings = {"temperature": 0.7, "top_k": 20, "top_p": 0.9}
+    engine, _ledger = make_engine(ARCH, scheduler="static")
+    try:
+        job = work(GREEDY, do_sample=True, seed=77, max_new_tokens=16, **settings)
+        text = wait(engine.submit(job)).text
+    finally:
+        engine.close()
+    torch.manual_seed(77)
+    expected = oracle_text(path, oracle_messages(GREEDY), 16, do_sample=True, **settings)
+    assert text == expected
+    torch.manual_seed(78)
+    assert oracle_text(path, oracle_messages(GREEDY), 16, do_sample=True, **settings) != text

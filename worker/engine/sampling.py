@@ -115,12 +115,38 @@ class RowSampler:
             drop[..., -1:] = False
             scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
         probs = scores.softmax(dim=-1)
-        if not bool(torch.isfinite(probs).all()):  # multinomial would fail (on CUDA: assert)
-            raise InvalidRequest(
-                f"sampling found no finite probabilities for the next token at temperature "
-                f"{params.temperature} (one this small overflows the scores; do_sample=false "
-                "picks the most likely token)")
+        check_finite(probs, params.temperature)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def check_finite(probs: torch.Tensor, temperature: float) -> None:
+    """Sampling from probabilities that are not all finite fails in multinomial (on CUDA with a
+    device assert, which ends the process): fail the request instead, with what to change."""
+    if not bool(torch.isfinite(probs).all()):
+        raise overflow(temperature)
+
+
+def overflow(temperature: float) -> InvalidRequest:
+    return InvalidRequest(
+        f"sampling found no finite probabilities for the next token at temperature "
+        f"{temperature} (one this small overflows the scores; do_sample=false picks the most "
+        "likely token)")
+
+
+class Temperature:
+    """The static engine's temperature for a sampling row, as a logits processor (``generate``
+    itself gets temperature 1.0): the same division at the same place (after the processors,
+    before top-k and top-p); scores it makes infinite or NaN fail the request
+    (``overflow``) before ``generate``'s multinomial fails on them."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scaled = scores / self.temperature
+        if bool((torch.isposinf(scaled) | torch.isnan(scaled)).any()):
+            raise overflow(self.temperature)
+        return scaled
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ from worker.engine.beams import beam_search
 from worker.engine.options import token_rules
 from worker.engine.prompts import encode
 from worker.engine.publisher import Publisher
+from worker.engine.sampling import Temperature
 from worker.engine.sanitize import PromptSanitizer
 from worker.engine.textstream import TextAssembler
 from worker.engine.work import Outcome, Work
@@ -248,8 +249,8 @@ class Engine:
         kwargs: dict[str, Any] = {"max_new_tokens": max(limits), "do_sample": params.do_sample}
         kwargs.update(batch[0].rules.generate_kwargs())  # rows of a batch share their bad words
         if params.do_sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p,
-                          top_k=params.top_k)
+            kwargs.update(temperature=1.0, logits_processor=[Temperature(params.temperature)],
+                          top_p=params.top_p, top_k=params.top_k)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
         if params.repetition_penalty != 1.0:
