@@ -4,10 +4,11 @@ Same interface as the static ``Engine`` (``submit(work) -> Future[Outcome]``, ``
 the same preparation (a prep pool fetches images and runs the processor per request). One
 generation thread owns the decode loop:
 - at each step boundary, requests prepared since the last step are admitted within the budgets
-  (rows, cache slots = rows x cache length, pixels per prefill), prefilled together (grouped by
-  the processor outputs they carry, so pixel inputs only go with the rows that have images;
-  left padding, their own positions: Qwen-VL's 3-D ones from ``get_rope_index``), their first
-  token chosen, and merged into the running batch (``batchstate.BatchState``);
+  (rows, cache slots = rows x cache length, pixels per prefill) and when the stall their prefill
+  costs the running rows is worth it (``pace``), prefilled together (grouped by the processor
+  outputs they carry, so pixel inputs only go with the rows that have images; left padding,
+  their own positions: Qwen-VL's 3-D ones from ``get_rope_index``), their first token chosen,
+  and merged into the running batch (``batchstate.BatchState``);
 - every step, one forward over the running batch feeds each row its newest token; each row
   chooses its next token with its own settings and bad words (``sampling``), and ends on EOS
   or one of its end tokens (``Work.rules``), a stop string (checked on the decoded tail, only
@@ -18,10 +19,13 @@ generation thread owns the decode loop:
 - the loop only appends token ids; ``streamer.Streamer`` detokenizes and sends them every
   ``stream_interval_ms`` or when a row ends, and resolves each job's future.
 
-A request that alone exceeds a budget fails with RESOURCE_EXHAUSTED before it runs. Out of
-memory: the newest running row goes back to the head of the waiting list (keeping its tokens:
-it is prefilled again with them and continues, so its stream neither repeats nor skips), and
-the step is retried; a row that does not fit alone fails with RESOURCE_EXHAUSTED.
+One bad row fails alone: a row whose token cannot be chosen (sampling with no finite
+probabilities) fails and leaves while the batch goes on; a prefill that fails for a group is
+retried row by row. A request that alone exceeds a budget fails with RESOURCE_EXHAUSTED before
+it runs. Out of memory: the newest running row goes back to the head of the waiting list
+(keeping its tokens: it is prefilled again with them and continues, so its stream neither
+repeats nor skips), and the step is retried; a row that does not fit alone fails with
+RESOURCE_EXHAUSTED.
 
 ``create_engine`` picks this engine or the static one (setting ``scheduler``); a model whose
 rows cannot be joined here (an architecture not listed in ``JOINABLE``) gets the static engine,
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 
 from worker.engine.batchstate import BatchState
+from worker.engine.pace import Pace
 from worker.engine.publisher import Publisher
 from worker.engine.rows import Row, next_group, over_budget, prefill
 from worker.engine.sampling import choose
@@ -83,6 +88,7 @@ class ContinuousEngine(Engine):
             else "past_key_values"
         self.joins = 0  # prefills merged into a batch that was already decoding
         self.row_cap = settings.max_batch_size  # lowered after an out-of-memory, until a row ends
+        self.pace = Pace()  # measured prefill and step costs: when a prefill should join
         self._closing = False
         super().__init__(loaded, settings, media, publisher)  # starts ``_loop``
 
@@ -119,31 +125,32 @@ class ContinuousEngine(Engine):
         while not self._closing:
             self._collect()
             if self.broken:
-                self._end_all(handback=True)
+                self._end_all()
                 continue
             try:
                 self._search_beams()
                 self._admit()
                 if self.rows:
+                    started = time.perf_counter()
                     self._decode_step()
+                    self.pace.stepped(time.perf_counter() - started)
             except BaseException as error:  # never let one error stop the loop
                 self._crash(error)
-        self._end_all(handback=True)
+        self._end_all()
 
     def _search_beams(self) -> None:
-        """Beam searches (``num_beams`` > 1) do not share a batch: each runs alone through the
-        static engine's path (``beams.beam_search``; its text published when it ends) while
-        the running batch waits with its cache, then decoding goes on."""
+        """Beam searches (``num_beams`` > 1) run alone on the static engine's path (their text
+        sent when they end) while the running batch waits with its cache."""
         while self.beams:
             self._run([self.beams.pop(0)])
 
-    def _end_all(self, handback: bool) -> None:
+    def _end_all(self) -> None:
+        """Hand every job back (its task sends it again)."""
         for work in self.beams:
             self._hand_back(work)
         self.beams = []
         for row in self.rows + self.waiting:
-            if handback:
-                row.work.handback = True
+            row.work.handback = True
             self._end(row, "cancelled")
         self.rows, self.waiting, self.state = [], [], None
 
@@ -186,9 +193,16 @@ class ContinuousEngine(Engine):
                                self.row_cap - len(self.rows), self.settings)
             if not group:
                 return
+            tokens = len(group) * max(row.length for row in group)
+            images = "pixel_values" in group[0].work.inputs
+            left = max((row.limit - len(row.live.ids) for row in self.rows), default=0)
+            if not self.pace.worth_joining(len(self.rows), left, len(group), tokens, images):
+                return  # it joins once the batch has drained enough (``pace``)
             for row in group:
                 self.waiting.remove(row)
+            started = time.perf_counter()
             self._prefill(group)
+            self.pace.prefilled(images, tokens, time.perf_counter() - started)
 
     def _prefill(self, group: list[Row]) -> None:
         started = time.time()
@@ -273,8 +287,6 @@ class ContinuousEngine(Engine):
             setattr(row.work, "batch_size", len(self.rows))  # noqa: B010
         log.info("generate batch=%d joined=%d", len(self.rows), len(group))
         self._drop_ended()
-
-    # -- decode ------------------------------------------------------------------------------
 
     def _decode_step(self) -> None:
         state = self.state
