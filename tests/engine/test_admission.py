@@ -45,7 +45,8 @@ def test_a_costly_prefill_waits_for_the_batch_to_drain_and_a_cheap_one_joins() -
     path = str(tiny_model_path(ARCH))
     expected = [oracle_text(path, oracle_messages(FIRST), 60),
                 oracle_text(path, oracle_messages(SECOND), 10)]
-    costly = Pace(per_token={True: 10.0, False: 10.0}, step_s=0.001)  # a prefill: hours
+    warm = {True: 9, False: 9, "step": 9}  # measured enough: each new measurement only blends in
+    costly = Pace(per_token={True: 10.0, False: 10.0}, step_s=0.001, seen=dict(warm))
     assert run(costly) == (0, expected, 1)  # never in one batch: it ran once the first left
-    cheap = Pace(per_token={True: 1e-9, False: 1e-9}, step_s=1.0)
+    cheap = Pace(per_token={True: 1e-9, False: 1e-9}, step_s=1.0, seen=dict(warm))
     assert run(cheap) == (1, expected, 2)

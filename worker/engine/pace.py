@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SMOOTHING = 0.3  # weight of the newest measurement
+COLD = 2  # the first measurements of each cost replace the estimate (the first runs are cold)
 
 
-def _blend(old: float | None, new: float) -> float:
-    return new if old is None else old + SMOOTHING * (new - old)
+def _blend(old: float | None, new: float, seen: int) -> float:
+    return new if old is None or seen < COLD else old + SMOOTHING * (new - old)
 
 
 @dataclass
@@ -29,14 +30,20 @@ class Pace:
 
     per_token: dict[bool, float] = field(default_factory=dict)  # images? -> s per token
     step_s: float | None = None
+    seen: dict[object, int] = field(default_factory=dict)  # measurements so far, per cost
 
     def prefilled(self, images: bool, tokens: int, seconds: float) -> None:
         """A prefill of ``tokens`` (rows x padded length) took ``seconds``."""
         if tokens > 0:
-            self.per_token[images] = _blend(self.per_token.get(images), seconds / tokens)
+            self.per_token[images] = _blend(self.per_token.get(images), seconds / tokens,
+                                            self._count(images))
 
     def stepped(self, seconds: float) -> None:
-        self.step_s = _blend(self.step_s, seconds)
+        self.step_s = _blend(self.step_s, seconds, self._count("step"))
+
+    def _count(self, cost: object) -> int:
+        self.seen[cost] = self.seen.get(cost, 0) + 1
+        return self.seen[cost] - 1
 
     def worth_joining(self, running: int, steps_left: int, rows: int, tokens: int,
                       images: bool) -> bool:
