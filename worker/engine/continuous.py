@@ -221,7 +221,8 @@ class ContinuousEngine(Engine):
             log.warning("prefill failed for %s: %s", [r.work.job_id for r in group], error)
             if len(group) == 1:
                 self._fail_rows(group, error)
-            for row in group if len(group) > 1 else []:  # only the rows that fail alone fail
+                return
+            for row in group:  # only the rows that fail alone fail
                 self._prefill([row])
             return
         self._merge(group, state, logits)

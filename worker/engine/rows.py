@@ -83,18 +83,9 @@ class Row:
         self.live.ids.append(token)
         work = self.work
         work.first_token_at = work.first_token_at or now
-        reason = None
-        if token in eos_ids or token in work.rules.end_ids or self.live.stop_seen or \
-                self.stop_in_tail(decode):
-            reason = "stop"
-        elif len(self.live.ids) >= self.limit:
-            reason = "length"
-        elif work.cancel.is_set():
-            reason = "cancelled"
-        elif now >= work.deadline:
-            reason = "deadline"
-        if reason is not None:
-            work.finish_reason = reason  # type: ignore[assignment]
+        stopped = token in eos_ids or token in work.rules.end_ids or self.live.stop_seen or \
+            self.stop_in_tail(decode)
+        work.end_with(stopped, len(self.live.ids), self.limit, now)
 
     def stop_in_tail(self, decode: Decode) -> bool:
         """Whether the newest tokens' text holds one of the row's stop strings."""

@@ -103,7 +103,7 @@ class RowSampler:
     def _draw(self, scores: torch.Tensor) -> int:
         params = self.params
         if params.temperature != 1.0:
-            scores = scores / params.temperature
+            scores = tempered(scores, params.temperature)
         if params.top_k:
             k = min(params.top_k, scores.shape[-1])
             threshold = torch.topk(scores, k)[0][..., -1, None]
@@ -133,20 +133,25 @@ def overflow(temperature: float) -> InvalidRequest:
         "likely token)")
 
 
+def tempered(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``scores / temperature``; scores it makes infinite or NaN fail the request
+    (``overflow``) before a multinomial fails on them."""
+    scaled = scores / temperature
+    if bool((torch.isposinf(scaled) | torch.isnan(scaled)).any()):
+        raise overflow(temperature)
+    return scaled
+
+
 class Temperature:
     """The static engine's temperature for a sampling row, as a logits processor (``generate``
-    itself gets temperature 1.0): the same division at the same place (after the processors,
-    before top-k and top-p); scores it makes infinite or NaN fail the request
-    (``overflow``) before ``generate``'s multinomial fails on them."""
+    itself gets temperature 1.0): ``tempered`` at generate's place for it (after the
+    processors, before top-k and top-p)."""
 
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scaled = scores / self.temperature
-        if bool((torch.isposinf(scaled) | torch.isnan(scaled)).any()):
-            raise overflow(self.temperature)
-        return scaled
+        return tempered(scores, self.temperature)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -309,17 +309,8 @@ class Engine:
             row.tokens += 1
             row.first_token_at = row.first_token_at or now
             delta = row.assembler.push([token])
-            reason = None
-            if token in row.rules.end_ids or row.assembler.stopped:
-                reason = "stop"
-            elif row.tokens >= limit:
-                reason = "length"
-            elif row.cancel.is_set():
-                reason = "cancelled"
-            elif now >= row.deadline:
-                reason = "deadline"
-            if reason is not None:
-                row.finish_reason = reason  # type: ignore[assignment]
+            stopped = token in row.rules.end_ids or row.assembler.stopped
+            if row.end_with(stopped, row.tokens, limit, now):
                 delta += row.assembler.finish()
                 finished.append(row)
             rows.append((row, row.event("delta", delta if self.settings.stream_events else "")))

@@ -90,6 +90,20 @@ class Work:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def end_with(self, stopped: bool, made: int, limit: int, now: float) -> bool:
+        """After the job's newest token (``made`` so far): set its finish reason when it ends,
+        in this order: a stop (an end token, a stop string), its length, cancel, deadline.
+        Returns whether it ended."""
+        if stopped:
+            self.finish_reason = "stop"
+        elif made >= limit:
+            self.finish_reason = "length"
+        elif self.cancel.is_set():
+            self.finish_reason = "cancelled"
+        elif now >= self.deadline:
+            self.finish_reason = "deadline"
+        return self.finish_reason is not None
+
     def event(self, etype: EventType, delta: str = "") -> tuple[str, int, int, str, int]:
         """A stream row for ``Ledger.append``: consumes the next seq when there is an event
         (the worker's count of its stream, started where the claim said the stream is). The
