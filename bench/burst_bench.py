@@ -7,7 +7,10 @@ Per repeat, on the same 8 requests (one image each, 64-144 px, 32 new tokens, gr
   only counts (what the engine itself costs, streaming included);
 - service: producer -> Redis -> worker process -> result, for each scheduler.
 Prints each figure's range over the repeats and the ratios (ceiling time / time, so 1.0 means
-as fast as batched generate; sequential time / time).
+as fast as batched generate; sequential time / time), and the continuous worker's CPU time per
+burst by thread (``/proc``, Linux): where the service's time goes beyond the engine's. The
+worker is one Python process, so its threads' Python code runs one at a time (the GIL): their
+CPU time added up is a floor for the burst's wall time.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 os.environ.setdefault("BENCH_THREADS", "1")
 
-from bench.common import Baseline, jobs, report, service  # noqa: E402
+from bench.common import Baseline, jobs, report, service, thread_cpu  # noqa: E402
 from bench.engine_bench import burst  # noqa: E402
 from worker.tiny import tiny_model_path  # noqa: E402
 
@@ -78,7 +81,7 @@ def main() -> None:
     schedulers = ("continuous", "static")
     times: dict[str, list[float]] = {}
     mismatches = dict.fromkeys(schedulers, 0)
-    with service(path, "bench-continuous", VLMQ_SCHEDULER="continuous") as (p1, im1, _w1), \
+    with service(path, "bench-continuous", VLMQ_SCHEDULER="continuous") as (p1, im1, w1), \
             service(path, "bench-static", VLMQ_SCHEDULER="static") as (p2, im2, _w2):
         producers = {"continuous": (p1, jobs(im1, SIZE)), "static": (p2, jobs(im2, SIZE))}
         requests = jobs(im1, SIZE)
@@ -91,6 +94,7 @@ def main() -> None:
         for scheduler in schedulers:  # warm up
             engine_burst(engines[scheduler], requests)
             burst(producers[scheduler][0], producers[scheduler][1], f"bench-{scheduler}", TOKENS)
+        cpu_before = thread_cpu(w1.proc.pid)  # the continuous worker: only its bursts from here
         for _ in range(REPEATS):  # interleaved, so that load from elsewhere hits all alike
             started = time.perf_counter()
             base.run(conversations, TOKENS)
@@ -106,6 +110,8 @@ def main() -> None:
                 producer, served = producers[scheduler]
                 times.setdefault(f"service {scheduler}", []).append(
                     burst(producer, served, f"bench-{scheduler}", TOKENS))
+        cpu = {name: round((used - cpu_before.get(name, 0.0)) / REPEATS * 1000, 1)
+               for name, used in thread_cpu(w1.proc.pid).items()}
         for engine in engines.values():
             engine.close()
     ceiling, sequential = times["ceiling"], times["sequential"]
@@ -116,8 +122,15 @@ def main() -> None:
         rows.append((f"{name}: x ceiling, x sequential",
                      f"{spread(ratio)} (target >= 0.85), {spread(speedup)} (target >= 3)"))
     rows.append(("engine texts differing from sequential generate", str(mismatches)))
+    if cpu:
+        wall = sum(times["service continuous"]) / REPEATS * 1000
+        busy = ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(cpu.items(), key=lambda x: -x[1])
+                         if ms >= 0.5)
+        rows.append(("service continuous: worker CPU ms per burst by thread",
+                     f"{busy}; all {sum(cpu.values()):.1f} in {wall:.1f} ms of wall time"))
     report(f"8-job burst, tiny idefics3, {os.environ['BENCH_THREADS']} torch thread(s), "
-           f"{REPEATS} repeats", {"seconds": times, "mismatches": mismatches}, rows)
+           f"{REPEATS} repeats", {"seconds": times, "mismatches": mismatches,
+                                  "worker_cpu_ms": cpu}, rows)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import statistics
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from tests.servers import ImageServer, RedisServer, WorkerProcess
@@ -127,6 +129,23 @@ class Baseline:
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return list(self.processor.batch_decode(out[:, input_len:], skip_special_tokens=True))
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds each group of a process's threads has used (Linux: ``/proc``; the worker
+    names its threads, ``worker.threads``; ``vlmq-prep_0`` and ``vlmq-prep_1`` add up as
+    ``vlmq-prep``, and the main thread, Celery's consumer, shows as ``python``). Empty where
+    there is no ``/proc``."""
+    used: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*") if Path("/proc").is_dir() else []:
+        try:  # schedstat: nanoseconds on a CPU (stat's ticks are too coarse for a burst)
+            name = (task / "comm").read_text().strip()
+            seconds = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):  # the thread ended meanwhile
+            continue
+        group = re.sub(r"_\d+$", "", name)
+        used[group] = used.get(group, 0.0) + seconds
+    return used
 
 
 def timed(fn: Any, *args: Any) -> tuple[float, Any]:

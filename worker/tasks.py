@@ -31,6 +31,7 @@ from worker.errors import InvalidRequest, JobError
 from worker.ops.quarantine import Quarantine
 from worker.results import place
 from worker.settings import WorkerSettings
+from worker.threads import name_os_thread
 
 if TYPE_CHECKING:
     from worker.ops.metrics import Metrics
@@ -106,6 +107,7 @@ def register(app: Celery, runtime: Runtime) -> None:
 
     @app.task(name=keys.TASK_GENERATE, ignore_result=True, bind=True)
     def generate(self: Any, *args: Any, **kwargs: Any) -> None:
+        name_os_thread("vlmq-task")  # Celery's pool thread, for top -H and the like (once)
         security.check(self.request, args, kwargs, refused)  # or Reject: dropped, no callbacks
         run_job(runtime, args, kwargs)
 

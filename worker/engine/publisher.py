@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 
 from producer.jobs import Ledger
 from producer.replies import Append
 from worker.engine import repair
 from worker.engine.work import Work
+from worker.threads import start_thread
 
 log = logging.getLogger("vlmq.publisher")
 
@@ -27,8 +27,7 @@ class Publisher:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self._queue: queue.Queue[tuple[list[tuple[Work, Row]], list[Work]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="vlmq-publish", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._loop, "vlmq-publish")
 
     def send(self, rows: list[tuple[Work, Row]], finished: list[Work]) -> None:
         """Queue one step: its rows (an empty delta is a cancel check) and the jobs it ended."""

@@ -40,7 +40,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -59,6 +59,7 @@ from worker.errors import JobError, ModelError, ResourceExhausted
 from worker.model.load import LoadedModel, stopping
 from worker.model.memory import STICKY_CUDA_EXIT, is_sticky_cuda_error
 from worker.settings import WorkerSettings
+from worker.threads import pool, start_thread
 
 log = logging.getLogger("vlmq.engine")
 class Engine:
@@ -76,11 +77,9 @@ class Engine:
         self.model_type = str(getattr(loaded.model.config, "model_type", ""))
         self._ready: queue.Queue[Work | None] = queue.Queue()
         self.broken = False
-        self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmq-prep")
-        self._fetch = ThreadPoolExecutor(max_workers=settings.fetch_jobs,
-                                         thread_name_prefix="vlmq-fetch")
-        self._thread = threading.Thread(target=self._loop, name="vlmq-generate", daemon=True)
-        self._thread.start()
+        self._prep = pool(2, "vlmq-prep")
+        self._fetch = pool(settings.fetch_jobs, "vlmq-fetch")
+        self._thread = start_thread(self._loop, "vlmq-generate")
 
     # -- callers ---------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from worker.engine import repair
 from worker.engine.work import Work
+from worker.threads import start_thread
 
 log = logging.getLogger("vlmq.streamer")
 
@@ -42,8 +43,7 @@ class Streamer:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="vlmq-stream", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._loop, "vlmq-stream")
 
     def add(self, live: Live) -> None:
         """Start streaming a row (its ``work.assembler`` set)."""

@@ -13,10 +13,10 @@ import ipaddress
 import re
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from worker.errors import ImageFetchFailed, ImageFetchTimeout, ImageUrlForbidden
+from worker.threads import pool
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -37,7 +37,7 @@ _BLOCKED = [
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _HOST_RE = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?:\.(?!-)[a-z0-9_-]{1,63})*$")
 _NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
-_dns_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vlmq-dns")
+_dns_pool = pool(8, "vlmq-dns")
 
 
 def resolve(host: str, port: int) -> list[str]:

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +26,7 @@ from worker.errors import ImageFetchTimeout, ImageUrlForbidden, JobError
 from worker.media.decode import decode_data_uri, decode_image, fit_pixels
 from worker.media.fetch import HttpFetcher
 from worker.settings import WorkerSettings
+from worker.threads import pool
 
 log = logging.getLogger("vlmq.media")
 
@@ -62,7 +63,7 @@ class MediaLoader:
         self._sources: OrderedDict[str, str] = OrderedDict()
         self._cache_bytes = 0
         self._inflight: dict[str, Future[Image.Image]] = {}
-        self._pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="vlmq-img")
+        self._pool = pool(settings.fetch_concurrency, "vlmq-img")
         if settings.max_image_pixels > (Image.MAX_IMAGE_PIXELS or settings.max_image_pixels):
             log.warning(
                 "max_image_pixels %d is above Pillow's own bomb limit %d, which applies",

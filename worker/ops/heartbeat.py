@@ -15,6 +15,7 @@ import redis
 from worker.model.memory import over_watermark
 from worker.ops.health import HealthReporter
 from worker.settings import WorkerSettings
+from worker.threads import name_os_thread
 
 log = logging.getLogger("vlmq.worker")
 
@@ -65,5 +66,6 @@ class Heartbeat:
         self.unreachable = outage
 
     def _loop(self) -> None:
+        name_os_thread()
         while not self._stop.wait(self.interval_s):
             self.once()

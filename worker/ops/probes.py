@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from worker.ops.health import HealthReporter, verdict
+from worker.threads import start_thread
 
 log = logging.getLogger("vlmq.metrics")
 
@@ -72,6 +72,6 @@ class Probes:
             log.warning("metrics endpoint not started on %s:%d: %s", addr, port, error)
             return None
         server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="vlmq-metrics", daemon=True).start()
+        start_thread(server.serve_forever, "vlmq-metrics")
         log.info("metrics on http://%s:%d/metrics (probes: /livez, /readyz)", addr, port)
         return server
