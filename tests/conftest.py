@@ -47,6 +47,14 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of the test module's own, for records no other module should meet."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def image_server() -> Iterator[ImageServer]:
     server = ImageServer()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any, cast
 
@@ -47,15 +46,8 @@ class AnsweringEngine:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    found = RedisServer()
-    yield found
-    found.stop()
-
-
-@pytest.fixture(scope="module")
-def ledger(server: RedisServer) -> Ledger:
-    return Ledger(redis.Redis.from_url(server.url), retention_s=600)
+def ledger(own_redis: RedisServer) -> Ledger:
+    return Ledger(redis.Redis.from_url(own_redis.url), retention_s=600)
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +116,13 @@ def test_garbage_numbers_end_the_job_invalid_request(ledger: Ledger, runtime: Ru
     assert not indexed(ledger, job_id)
 
 
-def test_reads_stay_typed_on_broken_records(ledger: Ledger, server: RedisServer,
+def test_reads_stay_typed_on_broken_records(ledger: Ledger, own_redis: RedisServer,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Finding 3: status(), jobs(), stats() and the CLI answer, or raise CorruptRecord."""
     bogus = job(ledger, "bogus", status="BOGUS")
     stale = job(ledger, "stale", error="{not json", created_at="abc")
     bare = job(ledger, "bare", created_at=None, model=b"\xfe")
-    with Producer(server.url) as producer:
+    with Producer(own_redis.url) as producer:
         with pytest.raises(CorruptRecord):
             producer.status(bogus)
         state = producer.status(stale)
@@ -140,7 +132,7 @@ def test_reads_stay_typed_on_broken_records(ledger: Ledger, server: RedisServer,
         listed = {s.job_id for s in producer.jobs(limit=10_000)}
         assert stale in listed and bare in listed and bogus not in listed
         assert producer.stats()["jobs"]["QUEUED"] >= 3
-    url = ["--redis-url", server.url]
+    url = ["--redis-url", own_redis.url]
     assert cli.main([*url, "jobs", "--limit", "10000"]) == 0
     assert cli.main([*url, "status", bogus]) == 9
     assert "unreadable record" in capsys.readouterr().err
@@ -161,13 +153,13 @@ def test_an_unknown_status_is_quarantined_once(ledger: Ledger) -> None:
 @given(st.dictionaries(st.sampled_from(FIELDS), st.binary(max_size=12) | st.none(),
                        min_size=1, max_size=4))
 def test_arbitrary_bytes_in_any_field_end_or_are_quarantined(
-        ledger: Ledger, server: RedisServer, runtime: Runtime,
+        ledger: Ledger, own_redis: RedisServer, runtime: Runtime,
         fields: dict[str, bytes | None]) -> None:
     job_id = job(ledger, "prop", **fields)
     ledger.redis.zadd(keys.RUNNING_INDEX, {job_id: 0})
     sent: list[str] = []
     sweeper(ledger, sent, []).sweep(time.time() + 60)  # never raises
-    with Producer(server.url) as producer:
+    with Producer(own_redis.url) as producer:
         producer.jobs(limit=5)
         producer.stats()
         with contextlib.suppress(CorruptRecord):

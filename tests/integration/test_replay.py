@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -28,14 +27,7 @@ SIGNED = ("id", "queue", "model", "request", "signer", "sig")
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    found = RedisServer()
-    yield found
-    found.stop()
-
-
-@pytest.fixture(scope="module")
-def signed(server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+def signed(own_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
            ) -> tuple[Ledger, Runtime, AnsweringEngine]:
     root = tmp_path_factory.mktemp("replay")
     key, cert = identity(root / "ids", "producer")
@@ -44,7 +36,7 @@ def signed(server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     shutil.copy(cert, store)
     settings = WorkerSettings(security_key=str(key), security_certificate=str(cert),
                               security_cert_store=str(store))
-    ledger = Ledger(redis.Redis.from_url(server.url), signer=Signer(str(key), str(cert)))
+    ledger = Ledger(redis.Redis.from_url(own_redis.url), signer=Signer(str(key), str(cert)))
     engine = AnsweringEngine()
     runtime = Runtime(settings=settings, ledger=ledger, engine=cast(Any, engine),
                       worker_id="w-signed", check_record=record_check(settings))
