@@ -11,7 +11,8 @@
   FAILED (or EXPIRED with no partial result);
 - ``GET /v1/jobs/{id}/events``: Server-Sent Events, ``id:`` = seq, ``event:`` = the type,
   ``data:`` = the StreamEvent JSON; resumes after ``Last-Event-ID`` (or ``?after=``), so a
-  client that reconnects gets exactly the events it has not seen;
+  client that reconnects gets exactly the events it has not seen (none, and the response
+  ends, once it has seen the terminal event: what an EventSource does after the end);
 - ``POST /v1/jobs/{id}/cancel``: ``{"id", "cancel": cancelled | requested | <final status>}``.
 """
 

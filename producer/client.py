@@ -107,7 +107,8 @@ class Producer:
     def stream(self, job_id: str, after: int | None = None,
                timeout: float | None = None) -> Iterator[StreamEvent]:
         """Yield the job's events from the start (or after seq ``after``), then live, until
-        the terminal event. Replays the Redis Stream, so joining late loses nothing."""
+        the terminal event. Replays the Redis Stream, so joining late loses nothing; resumed at
+        or past the terminal event it yields nothing and ends."""
         yield from iterate(self.redis, self._core.stream(job_id, after, timeout))
 
     # -- operators (producer.admin) --------------------------------------------------------

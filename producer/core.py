@@ -113,9 +113,9 @@ class ClientCore(AdminCore):
             remaining = 1.0 if end is None else end - time.monotonic()
             if remaining <= 0:
                 raise JobTimeout(f"job {job_id} still {state.status} after {timeout}s")
-            last_id, events, _found = yield from records.read_stream(
+            read = yield from records.read_stream(
                 job_id, last_id, None, int(min(remaining, 1.0) * 1000), 100)
-            check = not events or events[-1].terminal
+            last_id, check = read.last_id, not read.events or read.ended
 
     def result(self, job_id: str, timeout: float | None = None) -> Op[JobResult]:
         """The job's result once it ends (partial text for a cancelled one). JobFailed for a
@@ -146,19 +146,37 @@ class ClientCore(AdminCore):
     def stream(self, job_id: str, after: int | None = None,
                timeout: float | None = None) -> Op[None]:
         """Emit the job's events from the start (or after seq ``after``), then live, until the
-        terminal event; JobTimeout after ``timeout`` seconds without it."""
+        terminal event (``after`` at or past it: nothing); JobTimeout after ``timeout`` seconds
+        without it. A job that ended but whose stream lost its terminal event (the stream
+        expired or was evicted) ends the iteration once the stream is quiet for a second."""
         if (yield from records.raw(known(job_id))) is None:
             raise JobNotFound(job_id)
         end = None if timeout is None else time.monotonic() + timeout
         last_id: Any = "0-0"
         while True:
-            last_id, events, found = yield from records.read_stream(job_id, last_id, after,
-                                                                    1000, 500)
-            if events:
-                yield Emit(tuple(events))
-                if events[-1].terminal:
-                    return
+            read = yield from records.read_stream(job_id, last_id, after, 1000, 500)
+            last_id = read.last_id
+            if read.events:
+                yield Emit(tuple(read.events))
+            if read.ended:
+                return
             if end is not None and time.monotonic() > end:
                 raise JobTimeout(f"no terminal event for job {job_id} within {timeout}s")
-            if not found and (yield from records.raw(job_id)) is None:
+            if read.found:
+                continue
+            record = yield from records.raw(job_id)
+            if record is None:
                 raise JobNotFound(job_id)
+            if _ended(record):  # yet quiet: its terminal event was lost; take what came since
+                read = yield from records.read_stream(job_id, last_id, after, 1, 500)
+                if read.events:
+                    yield Emit(tuple(read.events))
+                return
+
+
+def _ended(record: dict[str, str]) -> bool:
+    """Whether a raw job record says the job is over (a status that is not one: no)."""
+    try:
+        return JobStatus(record.get("status", "")).terminal
+    except ValueError:
+        return False

@@ -72,10 +72,12 @@ def _unvoided(events: list[StreamEvent]) -> list[StreamEvent]:
     return keep
 
 
-def new_events(found: Any, last_id: Any, after: int | None) -> tuple[Any, list[StreamEvent]]:
-    """From one XREAD answer: the id to read on from, and the events to yield (those after
-    seq ``after``, up to and including the terminal one; deltas a restart in the same answer
-    voids are left out)."""
+def new_events(found: Any, last_id: Any,
+               after: int | None) -> tuple[Any, list[StreamEvent], bool]:
+    """From one XREAD answer: the id to read on from, the events to yield (those after seq
+    ``after``, up to and including the terminal one; deltas a restart in the same answer voids
+    are left out), and whether the terminal event was read (yielded, or at or before
+    ``after``: a reader resuming after the end gets nothing more)."""
     events: list[StreamEvent] = []
     for _stream, entries in found or []:
         for entry_id, fields in entries:
@@ -83,6 +85,6 @@ def new_events(found: Any, last_id: Any, after: int | None) -> tuple[Any, list[S
             event = parse_event(fields)
             if after is None or event.seq > after:
                 events.append(event)
-                if event.terminal:
-                    return last_id, _unvoided(events)
-    return last_id, _unvoided(events)
+            if event.terminal:
+                return last_id, _unvoided(events), True
+    return last_id, _unvoided(events), False

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from producer import fields, keys, scripts
 from producer.errors import CorruptRecord, IdempotencyConflict
@@ -232,14 +232,23 @@ def retry(job_id: str) -> Op[Retry]:
     return Retry.parse(reply)
 
 
+class StreamRead(NamedTuple):
+    """One read of a job's stream: the entry id to go on from, the events after seq ``after``
+    (up to the terminal one), whether anything was read, and whether the terminal event was."""
+
+    last_id: Any
+    events: list[StreamEvent]
+    found: bool
+    ended: bool
+
+
 def read_stream(job_id: str, last_id: Any, after: int | None, block_ms: int,
-                count: int) -> Op[tuple[Any, list[StreamEvent], bool]]:
-    """One blocking read of the job's stream from ``last_id``: the id to go on from, the
-    events after seq ``after`` (up to the terminal one), and whether anything was read."""
+                count: int) -> Op[StreamRead]:
+    """One blocking read of the job's stream from ``last_id``."""
     found = yield call("XREAD", "COUNT", count, "BLOCK", max(1, block_ms), "STREAMS",
                        keys.stream_key(job_id), last_id)
-    last_id, events = new_events(found, last_id, after)
-    return last_id, events, bool(found)
+    last_id, events, ended = new_events(found, last_id, after)
+    return StreamRead(last_id, events, bool(found), ended)
 
 
 def events(job_id: str) -> Op[list[StreamEvent]]:

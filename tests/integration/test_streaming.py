@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer import AsyncProducer, JobFailed
+from producer import AsyncProducer, JobFailed, keys
 from tests.integration.test_oracle import assert_complete_stream
 from tests.waiting import eventually
 
@@ -61,6 +61,23 @@ def test_late_midway_and_resuming_subscribers_see_everything_once(
     for events in (midway, resumed, late):
         assert_complete_stream(events, result.text)
     assert midway == late == resumed
+
+
+def test_a_stream_resumed_at_its_end_or_lost_ends_at_once(
+        any_producer: Any, workers: Any, image_server: Any, redis_server: Any) -> None:
+    producer = any_producer
+    job_id = submit(producer, image_server, max_new_tokens=8)
+    producer.result(job_id, timeout=60)
+    events = list(producer.stream(job_id, timeout=30))
+    last = events[-1]
+    assert last.terminal and not any(e.terminal for e in events[:-1])
+    # what a browser's EventSource does when the stream closes: reconnect after the last id
+    assert list(producer.stream(job_id, after=last.seq, timeout=30)) == []
+    assert list(producer.stream(job_id, after=last.seq + 100, timeout=30)) == []
+    assert list(producer.stream(job_id, after=last.seq - 1, timeout=30)) == [last]
+    # the stream evicted while the record stays: the iteration ends instead of waiting on
+    redis.Redis.from_url(redis_server.url).delete(keys.stream_key(job_id))
+    assert list(producer.stream(job_id, timeout=30)) == []
 
 
 def test_plain_pubsub_subscriber_gets_the_documented_json(

@@ -69,7 +69,10 @@ def test_an_event_stream_resumed_with_last_event_id_misses_and_repeats_nothing(
         with http.stream("GET", f"/v1/jobs/{job_id}/events",
                          headers={"Last-Event-ID": head[-1]["id"]}) as answer:
             rest = read_events(answer)
-    events = head + rest
+        events = head + rest
+        with http.stream("GET", f"/v1/jobs/{job_id}/events",  # reconnected after the end
+                         headers={"Last-Event-ID": events[-1]["id"]}) as answer:
+            assert read_events(answer) == []
     expected = [e.model_dump(mode="json") for e in producer.stream(job_id, timeout=60)]
     assert [e["data"] for e in events] == expected
     assert [e["id"] for e in events] == [str(e["seq"]) for e in expected]
