@@ -10,7 +10,7 @@ body the Python side built, so every event has one shape whoever writes it.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from producer.answers import SCHEMA_VERSION, ErrorInfo, EventType, FinishReason, StreamEvent, Usage
 
@@ -70,6 +70,16 @@ def _unvoided(events: list[StreamEvent]) -> list[StreamEvent]:
             keep = [e for e in keep if e.seq < (event.from_seq or 0)]
         keep.append(event)
     return keep
+
+
+class StreamRead(NamedTuple):
+    """One read of a job's stream: the entry id to go on from, the events after seq ``after``
+    (up to the terminal one), whether anything was read, and whether the terminal event was."""
+
+    last_id: Any
+    events: list[StreamEvent]
+    found: bool
+    ended: bool
 
 
 def new_events(found: Any, last_id: Any,

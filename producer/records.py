@@ -13,11 +13,11 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from producer import fields, keys, scripts
 from producer.errors import CorruptRecord, IdempotencyConflict
-from producer.events import event_body, new_events, parse_event
+from producer.events import StreamRead, event_body, new_events, parse_event
 from producer.replies import (
     Append,
     Cancel,
@@ -230,16 +230,6 @@ def retry(job_id: str) -> Op[Retry]:
     """A FAILED or EXPIRED job back to QUEUED, same id (the caller sends its task again)."""
     reply = yield Eval(scripts.RETRY, tuple(keys.job_keys(job_id)), (job_id, _now()))
     return Retry.parse(reply)
-
-
-class StreamRead(NamedTuple):
-    """One read of a job's stream: the entry id to go on from, the events after seq ``after``
-    (up to the terminal one), whether anything was read, and whether the terminal event was."""
-
-    last_id: Any
-    events: list[StreamEvent]
-    found: bool
-    ended: bool
 
 
 def read_stream(job_id: str, last_id: Any, after: int | None, block_ms: int,
