@@ -10,9 +10,14 @@ body the Python side built, so every event has one shape whoever writes it.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, NamedTuple
 
+from pydantic import ValidationError
+
 from producer.answers import SCHEMA_VERSION, ErrorInfo, EventType, FinishReason, StreamEvent, Usage
+
+log = logging.getLogger("vlmq.events")
 
 
 def event_body(job_id: str, etype: EventType, *, delta: str = "",
@@ -43,6 +48,21 @@ def parse_event(fields: dict[Any, Any]) -> StreamEvent:
     """A stream entry's fields (``seq``, ``data``) -> its StreamEvent."""
     data = fields.get(b"data", fields.get("data"))
     return StreamEvent.model_validate_json(data or b"")
+
+
+def job_event(fields: dict[Any, Any], job_id: str) -> StreamEvent | None:
+    """The entry's event when it is one of ``job_id``'s; None, logged, for an entry that is not
+    (written around the worker: not an event, or another job's): readers pass over it."""
+    try:
+        event = parse_event(fields)
+    except ValidationError as error:
+        log.warning("job %s: a stream entry that is not an event, passed over: %s", job_id,
+                    str(error).splitlines()[0])
+        return None
+    if event.job_id != job_id:
+        log.warning("job %s: a stream entry of job %.64r, passed over", job_id, event.job_id)
+        return None
+    return event
 
 
 def apply(text: dict[int, str], event: StreamEvent) -> None:
@@ -82,8 +102,8 @@ class StreamRead(NamedTuple):
     ended: bool
 
 
-def new_events(found: Any, last_id: Any,
-               after: int | None) -> tuple[Any, list[StreamEvent], bool]:
+def new_events(found: Any, last_id: Any, after: int | None,
+               job_id: str) -> tuple[Any, list[StreamEvent], bool]:
     """From one XREAD answer: the id to read on from, the events to yield (those after seq
     ``after``, up to and including the terminal one; deltas a restart in the same answer voids
     are left out), and whether the terminal event was read (yielded, or at or before
@@ -92,7 +112,9 @@ def new_events(found: Any, last_id: Any,
     for _stream, entries in found or []:
         for entry_id, fields in entries:
             last_id = entry_id
-            event = parse_event(fields)
+            event = job_event(fields, job_id)
+            if event is None:
+                continue
             if after is None or event.seq > after:
                 events.append(event)
             if event.terminal:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from producer import fields, keys, scripts
 from producer.errors import CorruptRecord, IdempotencyConflict
-from producer.events import StreamRead, event_body, new_events, parse_event
+from producer.events import StreamRead, event_body, job_event, new_events
 from producer.replies import (
     Append,
     Cancel,
@@ -237,14 +237,15 @@ def read_stream(job_id: str, last_id: Any, after: int | None, block_ms: int,
     """One blocking read of the job's stream from ``last_id``."""
     found = yield call("XREAD", "COUNT", count, "BLOCK", max(1, block_ms), "STREAMS",
                        keys.stream_key(job_id), last_id)
-    last_id, events, ended = new_events(found, last_id, after)
+    last_id, events, ended = new_events(found, last_id, after, job_id)
     return StreamRead(last_id, events, bool(found), ended)
 
 
 def events(job_id: str) -> Op[list[StreamEvent]]:
     """Every event in the job's stream now (no waiting)."""
     found = yield call("XRANGE", keys.stream_key(job_id), "-", "+")
-    return [parse_event(fields) for _entry_id, fields in found]
+    return [event for _entry_id, fields in found
+            if (event := job_event(fields, job_id)) is not None]
 
 
 # -- indexes (admin views, the reconciler) ---------------------------------------------------

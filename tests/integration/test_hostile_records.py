@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from producer import cli, keys
 from producer.client import Producer, build_request
 from producer.errors import CorruptRecord
+from producer.events import event_body, stamp
 from producer.jobs import Ledger
 from producer.schema import JobStatus, Timings, Usage
 from tests.servers import RedisServer
@@ -168,3 +169,22 @@ def test_arbitrary_bytes_in_any_field_end_or_are_quarantined(
     state = ledger.redis.hget(keys.job_key(job_id), "status")
     terminal = state in (b"SUCCEEDED", b"FAILED", b"CANCELLED", b"EXPIRED")
     assert terminal or not indexed(ledger, job_id), (fields, state)
+
+
+def test_stream_entries_written_around_the_worker_are_passed_over(
+        ledger: Ledger, own_redis: RedisServer) -> None:
+    job_id = job(ledger, "stream-entries")
+    stream = keys.stream_key(job_id)
+    delta = stamp(event_body(job_id, "delta", delta="a cat"), 0, 2, 1.0)
+    done = stamp(event_body(job_id, "done", finish_reason="stop"), 1, 2, 1.0)
+    other = stamp(event_body("another-job", "done", finish_reason="stop"), 1, 2, 1.0)
+    for fields in ({"seq": 0, "data": delta}, {"seq": 1, "data": "not json"},
+                   {"seq": 1, "nodata": "x"}, {"seq": 1, "data": '{"seq": -1}'},
+                   {"seq": 1, "data": other}, {"seq": 1, "data": done}):
+        ledger.redis.xadd(stream, fields)  # type: ignore[arg-type]
+    with Producer(own_redis.url) as producer:
+        streamed = [(e.seq, e.type) for e in producer.stream(job_id, timeout=30)]
+        resumed = [(e.seq, e.type) for e in producer.stream(job_id, after=0, timeout=30)]
+    assert streamed == [(0, "delta"), (1, "done")] and resumed == [(1, "done")]
+    assert [(e.seq, e.type) for e in ledger.events(job_id)] == streamed  # the worker's repair
+    assert ledger.stream_so_far(job_id) == ("a cat", 2)
