@@ -101,6 +101,10 @@ async def _events(gw: Gateway, job_id: str, created: int, model: str, include_us
                 yield sse.frame(chat.usage_chunk(job_id, created, model, event.usage))
             yield sse.DONE
             return
+        finished = True  # the job ended, but its stream lost its end (the key evicted)
+        yield sse.frame(job_failed(ErrorInfo(code=ErrorCode.INTERNAL, message=(
+            f"job {job_id} ended but its event stream lost its end; its result: "
+            f"GET /v1/jobs/{job_id}/result"))).body())
     finally:
         gw.metrics.open_streams.labels("/v1/chat/completions").dec()
         if not finished and not keep:

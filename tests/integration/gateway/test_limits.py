@@ -28,13 +28,6 @@ def keys_cli(redis: RedisServer, *args: str) -> subprocess.CompletedProcess[str]
 
 
 @pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def keys(own_redis: RedisServer) -> dict[str, str]:
     made = {}
     for name, limits in (("alice", ["--requests-per-minute", "3"]),

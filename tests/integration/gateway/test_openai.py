@@ -11,9 +11,10 @@ import httpx
 import openai
 import pytest
 
-from producer import JobStatus, Producer
+from producer import JobStatus, Producer, keys
 from tests.integration.gateway.conftest import MODEL
 from tests.oracle import oracle_text
+from tests.servers import GatewayProcess
 
 pytestmark = pytest.mark.integration
 PROMPT = "What do we see in this image?"
@@ -140,3 +141,29 @@ def test_keep_running_header_lets_the_job_finish(gateway: Any, producer: Produce
     job_id = _stream_until_text(gateway, 200, {"X-Vlmq-Keep-Running": "true"})
     state = producer.wait(job_id, timeout=120)
     assert state.status == JobStatus.SUCCEEDED and not state.cancel_requested
+
+
+def test_a_streamed_chat_whose_stream_lost_its_end_ends_with_an_error(
+        own_redis: Any, tmp_path: Any) -> None:
+    import redis
+
+    client = redis.Redis.from_url(own_redis.url)  # a worker that says it serves, and never runs
+    client.set(keys.worker_key("silent"), json.dumps(
+        {"model": "served-by-nobody", "consuming": True, "started_at": 1}), ex=120)
+    gateway = GatewayProcess(own_redis.url, log_dir=str(tmp_path))
+    try:
+        gateway.wait_ready()
+        body = {"model": "served-by-nobody", "stream": True, "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
+                          headers={"X-Vlmq-Keep-Running": "true"}, timeout=60) as answer:
+            data = (json.loads(line.removeprefix("data: ")) for line in answer.iter_lines()
+                    if line.startswith("data: "))
+            job_id = str(next(data)["id"]).removeprefix("chatcmpl-")
+            # the job ends while its stream (none yet) holds no terminal event: as if evicted
+            client.hset(keys.job_key(job_id), "status", "CANCELLED")
+            rest = list(data)
+        assert rest[-1]["error"]["code"] == "internal"
+        assert f"/v1/jobs/{job_id}/result" in rest[-1]["error"]["message"]
+    finally:
+        gateway.stop()
