@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                "codes: 2 invalid request, 3 unknown job or timeout, 4 job failed, 5 Redis "
                "unreachable or refusing the credentials or the TLS certificate, 6 not allowed "
                "in the job's status, 7 result store unreadable, 8 signing key or certificate "
-               "unusable.")
+               "unusable, 9 a record that is not a job, 10 idempotency key used for another "
+               "request, 11 submit uncertain (the job id is printed), 12 no live worker serves "
+               "the model (submit --no-require-worker queues it anyway).")
     parser.add_argument("--redis-url", default=None,
                         help=f"ledger Redis (env VLMQ_REDIS_URL, default {keys.DEFAULT_REDIS_URL})")
     parser.add_argument("--broker-url", default=None,

@@ -103,4 +103,5 @@ class NoWorkerForModel(VlmqError):
     def __init__(self, model: str | None, queue: str) -> None:
         self.model, self.queue = model, queue
         super().__init__(f"no live worker serves model {model or '(none)'} (queue {queue}); "
-                         f"start one, or submit with require_worker=False to queue it anyway")
+                         "start one, or submit with require_worker=False (vlmq submit "
+                         "--no-require-worker) to queue it anyway")

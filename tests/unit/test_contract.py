@@ -71,3 +71,13 @@ def test_protocol_lists_every_record_field_error_code_and_request_field() -> Non
 
 def test_the_shipped_cancel_script_is_the_ledgers() -> None:
     assert (DOCS / "cancel.lua").read_text() == contract.cancel_lua()
+
+
+def test_every_cli_exit_code_is_in_its_help_and_the_readme() -> None:
+    from producer import cli
+
+    help_text = " ".join(cli._parser().format_help().split())
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    for _kinds, code, _prefix in cli._EXITS:
+        assert f" {code} " in help_text.split("Exit codes:")[1], code
+        assert f" {code} " in readme.split("Exit codes:")[1], code
