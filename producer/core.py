@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from producer import keys, records
+from producer import fields, keys, records
 from producer.admin import AdminCore, known
 from producer.broker import Broker, queue_for_model
 from producer.errors import (
@@ -167,16 +167,9 @@ class ClientCore(AdminCore):
             record = yield from records.raw(job_id)
             if record is None:
                 raise JobNotFound(job_id)
-            if _ended(record):  # yet quiet: its terminal event was lost; take what came since
+            status = fields.status(record.get("status"))
+            if status is not None and status.terminal:  # ended, its terminal event lost
                 read = yield from records.read_stream(job_id, last_id, after, 1, 500)
                 if read.events:
                     yield Emit(tuple(read.events))
                 return
-
-
-def _ended(record: dict[str, str]) -> bool:
-    """Whether a raw job record says the job is over (a status that is not one: no)."""
-    try:
-        return JobStatus(record.get("status", "")).terminal
-    except ValueError:
-        return False
