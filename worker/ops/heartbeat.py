@@ -15,7 +15,7 @@ import redis
 from worker.model.memory import over_watermark
 from worker.ops.health import HealthReporter
 from worker.settings import WorkerSettings
-from worker.threads import name_os_thread
+from worker.threads import start_thread
 
 log = logging.getLogger("vlmq.worker")
 
@@ -30,10 +30,9 @@ class Heartbeat:
         self.recycled: str | None = None  # why this process asked to be replaced
         self.unreachable: str | None = None  # the Redis error of the outage going on
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vlmq-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        start_thread(self._loop, "vlmq-heartbeat")
 
     def stop(self) -> None:
         self._stop.set()
@@ -66,6 +65,5 @@ class Heartbeat:
         self.unreachable = outage
 
     def _loop(self) -> None:
-        name_os_thread()
         while not self._stop.wait(self.interval_s):
             self.once()
