@@ -102,12 +102,11 @@ class StreamRead(NamedTuple):
     ended: bool
 
 
-def new_events(found: Any, last_id: Any, after: int | None,
-               job_id: str) -> tuple[Any, list[StreamEvent], bool]:
+def new_events(found: Any, last_id: Any, after: int | None, job_id: str) -> StreamRead:
     """From one XREAD answer: the id to read on from, the events to yield (those after seq
     ``after``, up to and including the terminal one; deltas a restart in the same answer voids
-    are left out), and whether the terminal event was read (yielded, or at or before
-    ``after``: a reader resuming after the end gets nothing more)."""
+    are left out), whether it held anything, and whether the terminal event was read (yielded,
+    or at or before ``after``: a reader resuming after the end gets nothing more)."""
     events: list[StreamEvent] = []
     for _stream, entries in found or []:
         for entry_id, fields in entries:
@@ -118,5 +117,5 @@ def new_events(found: Any, last_id: Any, after: int | None,
             if after is None or event.seq > after:
                 events.append(event)
             if event.terminal:
-                return last_id, _unvoided(events), True
-    return last_id, _unvoided(events), False
+                return StreamRead(last_id, _unvoided(events), True, True)
+    return StreamRead(last_id, _unvoided(events), bool(found), False)

@@ -237,8 +237,7 @@ def read_stream(job_id: str, last_id: Any, after: int | None, block_ms: int,
     """One blocking read of the job's stream from ``last_id``."""
     found = yield call("XREAD", "COUNT", count, "BLOCK", max(1, block_ms), "STREAMS",
                        keys.stream_key(job_id), last_id)
-    last_id, events, ended = new_events(found, last_id, after, job_id)
-    return StreamRead(last_id, events, bool(found), ended)
+    return new_events(found, last_id, after, job_id)
 
 
 def events(job_id: str) -> Op[list[StreamEvent]]:

@@ -125,6 +125,6 @@ def test_restart_voids_earlier_deltas_for_replay_and_live_readers() -> None:
     assert events[2].attempt == 2 and events[2].from_seq == 0 and not events[2].terminal
     assert text_of(events) == "a dog"  # a live reader that saw seq 0-1 drops them
     found = [("s", [(str(e.seq), {"data": e.model_dump_json()}) for e in events])]
-    _last, replayed, _ended = new_events(found, "0-0", None, "j")  # in one go: never yields them
+    replayed = new_events(found, "0-0", None, "j").events  # in one go: never yields them
     assert [e.seq for e in replayed] == [2, 3, 4]
     assert "".join(e.delta for e in replayed) == "a dog"
